@@ -1,0 +1,261 @@
+"""The ``tbps`` command line: parses arguments and calls the library. No logic lives here.
+
+Every command turns bad input into one line, ``tbps: error: ...``, and exit status 1
+(2 for a malformed command line); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable
+
+from tbps import __version__
+from tbps.errors import TBPSError
+
+DATASET_HELP = "dataset name: cuhk-pedes, icfg-pedes, rstpreid, synth (or one you registered)"
+ROOT_HELP = "the dataset's own folder, the one holding the annotation file and imgs/"
+
+EXAMPLES = """examples:
+  tbps demo --quick                                   the whole pipeline on synthetic data (CPU)
+  tbps synth --out data/synth --ids 500               write a SynthPEDES dataset
+  tbps data stats --dataset cuhk-pedes --root /data/CUHK-PEDES
+  tbps train --config configs/irra_cuhk.yaml data.root=/data/CUHK-PEDES
+  tbps eval --checkpoint runs/irra_cuhk/best.pt --json
+"""
+
+
+# ----------------------------------------------------------------------------- handlers
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from tbps.data.synth import generate_synthpedes
+
+    summary = generate_synthpedes(
+        args.out,
+        num_ids=args.ids,
+        images_per_id=args.images_per_id,
+        captions_per_image=args.captions_per_image,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        progress=not args.quiet,
+    )
+    print(f"wrote {summary['images']} images and {summary['captions']} captions of "
+          f"{summary['ids']} identities to {args.out}")
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from tbps.data.datasets import load_dataset
+
+    stats = load_dataset(args.dataset, args.root).statistics()
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    print(f"{'split':<6} {'ids':>8} {'images':>8} {'captions':>9}")
+    for split, row in stats.items():
+        print(f"{split:<6} {row['ids']:>8,} {row['images']:>8,} {row['captions']:>9,}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from tbps.data.datasets import check_images, load_dataset
+
+    dataset = load_dataset(args.dataset, args.root)
+    report = check_images(dataset, decode=not args.exists_only, progress=not args.quiet)
+    print(report.summary(limit=args.show))
+    return 0 if report.ok else 1
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tbps.config import load_config
+    from tbps.engine.trainer import train
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    train(cfg, output_dir=args.output_dir, resume=args.resume)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tbps.engine.evaluator import evaluate_checkpoint, format_metrics_table
+
+    metrics = evaluate_checkpoint(
+        args.checkpoint,
+        dataset=args.dataset,
+        root=args.root,
+        split=args.split,
+        device=args.device,
+        batch_size=args.batch_size,
+        i2t=args.i2t,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps({k: metrics[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}))
+    else:
+        print(format_metrics_table(metrics))
+    return 0
+
+
+def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise TBPSError(f"'tbps {name}' is not available in this release yet (gallery search is issue 11)")
+
+    return run
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tbps.demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick, device=args.device)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tbps",
+        description="Text-based person search: rank pedestrian images by a text description.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"tbps {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    # synth
+    p = sub.add_parser("synth", formatter_class=fmt, help="write a SynthPEDES synthetic dataset",
+                       description="Write a synthetic pedestrian dataset (SynthPEDES) in the CUHK-PEDES "
+                       "layout: DIR/imgs/... and DIR/reid_raw.json. Deterministic for a seed.")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--ids", type=int, default=1000, help="number of identities, all splits together")
+    p.add_argument("--images-per-id", type=int, default=4, help="images of each identity")
+    p.add_argument("--captions-per-image", type=int, default=2, help="captions of each image")
+    p.add_argument("--height", type=int, default=384, help="image height in pixels")
+    p.add_argument("--width", type=int, default=128, help="image width in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same dataset")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of identities in the val split")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of identities in the test split")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_synth)
+
+    # data
+    p = sub.add_parser("data", help="inspect and check a dataset",
+                       description="Parse a dataset and report its statistics or check its images.")
+    data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data_sub.required = True
+    q = data_sub.add_parser("stats", formatter_class=fmt, help="identities, images and captions per split",
+                            description="Parse a dataset and print, per split, identities, images and captions.")
+    q.add_argument("--dataset", required=True, help=DATASET_HELP)
+    q.add_argument("--root", required=True, help=ROOT_HELP)
+    q.add_argument("--json", action="store_true",
+                   help='print {"train": {"ids", "images", "captions"}, "val": ..., "test": ...}')
+    q.set_defaults(func=_cmd_data_stats)
+    q = data_sub.add_parser("check", formatter_class=fmt, help="verify every referenced image exists and decodes",
+                            description="Verify that every image the annotations reference exists and decodes. "
+                            "Prints a count and the first missing or corrupt paths; exits 1 if any.")
+    q.add_argument("--dataset", required=True, help=DATASET_HELP)
+    q.add_argument("--root", required=True, help=ROOT_HELP)
+    q.add_argument("--exists-only", action="store_true", help="only check that files exist (fast)")
+    q.add_argument("--show", type=int, default=10, help="how many bad paths to list")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=_cmd_data_check)
+
+    # train
+    p = sub.add_parser("train", formatter_class=fmt, help="train a method from a YAML recipe",
+                       description="Train a method. Writes OUTPUT_DIR/config.yaml, last.pt (every epoch), "
+                       "best.pt (best val R1), metrics.jsonl. Extra key=value arguments override the "
+                       "recipe, e.g. optim.lr=1e-4 data.root=/data/CUHK-PEDES. Multi-GPU: "
+                       "torchrun --nproc_per_node=N -m tbps train ...")
+    p.add_argument("--config", required=True, help="recipe, e.g. configs/irra_cuhk.yaml")
+    p.add_argument("--output-dir", default=None, help="where outputs go (default: train.output_dir)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT_DIR/last.pt")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after N optimiser steps, then evaluate and save (smoke runs)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_cmd_train)
+
+    # eval
+    p = sub.add_parser("eval", formatter_class=fmt, help="text-to-image evaluation of a checkpoint",
+                       description="Evaluate a checkpoint with the field's protocol: R1/R5/R10, mAP, mINP "
+                       "(percent). The dataset defaults to the one the checkpoint was trained on.")
+    p.add_argument("--checkpoint", required=True, help="a tbps checkpoint (best.pt or last.pt)")
+    p.add_argument("--dataset", default=None, help=DATASET_HELP + " (default: the checkpoint's)")
+    p.add_argument("--root", default=None, help=ROOT_HELP + " (default: the checkpoint's)")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="which split to evaluate")
+    p.add_argument("--batch-size", type=int, default=128, help="images or captions per embedding batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--i2t", action="store_true", help="also report image-to-text retrieval")
+    p.add_argument("--json", action="store_true", help='print {"R1", "R5", "R10", "mAP", "mINP"} only')
+    p.set_defaults(func=_cmd_eval)
+
+    # index / search / serve
+    p = sub.add_parser("index", formatter_class=fmt, help="embed a gallery of images into a persistent index",
+                       description="Embed every image of a folder or list into a persistent gallery index.")
+    p.add_argument("--checkpoint", required=True, help="a tbps checkpoint")
+    p.add_argument("--images", required=True, help="a folder of images or a text file listing image paths")
+    p.add_argument("--out", required=True, help="index folder (created; appended to if it exists)")
+    p.set_defaults(func=_not_yet("index"))
+    p = sub.add_parser("search", formatter_class=fmt, help="search an index by a text description",
+                       description="Rank the images of an index for a text description.")
+    p.add_argument("--index", required=True, help="index folder written by tbps index")
+    p.add_argument("--top-k", type=int, default=10, help="how many results")
+    p.add_argument("--json", action="store_true", help='print a list of {"rank", "path", "score"}')
+    p.add_argument("query", help="the description, e.g. 'a man in a grey hoodie with a red backpack'")
+    p.set_defaults(func=_not_yet("search"))
+    p = sub.add_parser("serve", formatter_class=fmt, help="HTTP API and web page to search an index",
+                       description="Serve the search page and the HTTP API for an index.")
+    p.add_argument("--index", required=True, help="index folder written by tbps index")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.set_defaults(func=_not_yet("serve"))
+
+    # demo
+    p = sub.add_parser("demo", formatter_class=fmt, help="the whole pipeline on synthetic data, on the CPU",
+                       description="Synthesise SynthPEDES, train a small model on the CPU, evaluate it on "
+                       "the test split and print a few searches. Leaves OUT/test_metrics.json, the "
+                       "checkpoint and the data in OUT.")
+    p.add_argument("--quick", action="store_true", help="a smaller dataset and budget (about 3 minutes)")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("tbps: interrupted", file=sys.stderr)
+        return 130
+    except TBPSError as exc:
+        if args.debug:
+            raise
+        print(f"tbps: error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        print(f"tbps: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

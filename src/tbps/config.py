@@ -1,0 +1,257 @@
+"""Typed configuration: YAML recipes under ``configs/`` that inherit bases, plus ``key=value`` overrides.
+
+A recipe names its bases with ``_base_: other.yaml`` (a path relative to the recipe, or a list of them);
+later files and then command-line overrides win. Every key is checked against the dataclasses below,
+so a typo (``optim.lrr=1e-4``) is an error naming the key instead of a silently ignored setting.
+``method`` is the one free-form section: each method validates it against its own options dataclass.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tbps.errors import TBPSError
+from tbps.io import write_text_atomic
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synth"  # registry name: cuhk-pedes, icfg-pedes, rstpreid, synth, or a user's own
+    root: str = "data/synth"  # the dataset's folder: annotation file + imgs/
+    image_size: list[int] = field(default_factory=lambda: [384, 128])  # height, width
+    text_length: int = 77  # tokens per caption, start and end tokens included
+    tokenizer: str = "clip"  # "clip" (CLIP BPE + <|mask|>), "minilm", or a Hugging Face tokenizer folder
+    batch_size: int = 64
+    sampler: str = "identity"  # "identity" (P ids x K instances) or "random"
+    num_instances: int = 4  # K of the identity sampler
+    num_workers: int = 4
+    augment: bool = True  # IRRA's train augmentation (flip, pad+crop, random erasing)
+    check: str = "exists"  # image check before training: "exists", "decode" or "off"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "irra"  # method registry name
+    image_backbone: str = "ViT-B-16"  # open_clip architecture or a tiny one from models/arch/
+    text_backbone: str = "clip"  # "clip" (the CLIP text tower) or "hf" (a BERT-family encoder)
+    pretrained: str = ""  # local CLIP weights: OpenAI .pt, open_clip checkpoint or Hugging Face folder
+    text_pretrained: str = ""  # with text_backbone=hf: "minilm" (shipped) or a Hugging Face folder
+    text_pooling: str = "default"  # "default" (CLIP: EOT token, BERT: CLS), "eot", "cls" or "mean"
+    embed_dim: int = 512  # joint space width where the backbone does not fix it
+    temperature: float = 0.02  # similarity scale 1/temperature in SDM / ITC / CMPM
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"  # "adam", "adamw" or "sgd"
+    lr: float = 1e-5  # backbone learning rate
+    new_lr_factor: float = 5.0  # lr multiplier for modules that are not pretrained
+    bias_lr_factor: float = 2.0
+    weight_decay: float = 4e-5
+    weight_decay_bias: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # "cosine", "step" or "constant"
+    warmup_epochs: int = 5
+    warmup_factor: float = 0.1  # lr multiplier at step 0 of the warm-up
+    min_lr: float = 0.0  # cosine floor
+    milestones: list[int] = field(default_factory=lambda: [20, 50])  # step scheduler, in epochs
+    gamma: float = 0.1  # step scheduler
+    grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    seed: int = 1
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
+    amp: str = "auto"  # "auto" (bf16 where supported, else fp16, on GPU; off on CPU), "bf16", "fp16", "off"
+    eval_every: int = 1  # validate every N epochs
+    eval_split: str = "val"  # "val" (model selection), "test" (only when you ask for it) or "none"
+    log_every: int = 20  # optimiser steps between log lines / metrics.jsonl rows
+    max_steps: int = 0  # stop after N optimiser steps (smoke runs, profiling); 0 = no limit
+    tensorboard: bool = False
+    init_checkpoint: str = ""  # start from a tbps checkpoint (classifier skipped if ids differ)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 128  # images / captions per embedding batch
+    query_chunk: int = 1024  # queries scored and ranked at once (bounds memory)
+    i2t: bool = False  # also report image-to-text retrieval
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: dict[str, float] = field(default_factory=lambda: {"sdm": 1.0, "id": 1.0, "irr": 1.0})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method: dict[str, Any] = field(default_factory=dict)  # method-specific options
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise TBPSError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise TBPSError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise TBPSError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "loss":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise TBPSError(f"{path}: _base_ inheritance loops back to itself")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = _deep_merge(merged, _load_with_bases(path.parent / base, seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value), the value read as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise TBPSError(f"override {text!r} is not of the form key=value (e.g. optim.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise TBPSError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise TBPSError(f"override {text!r}: {key!r} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise TBPSError(f"config key {where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, vhint = typing.get_args(hint) or (str, Any)
+        if not isinstance(value, dict):
+            raise TBPSError(f"config key {where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, vhint, f"{where}.{k}") for k, v in value.items()}
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TBPSError(f"config key {where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise TBPSError(f"config key {where}: expected a number, got {value!r}") from None
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise TBPSError(f"config key {where}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TBPSError(f"config key {where}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise TBPSError(f"config key {where}: expected a string, got {value!r}")
+        return str(value)
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, where)
+    return value
+
+
+def build_dataclass(cls: type, data: Any, where: str = "") -> Any:
+    """Build ``cls`` from a mapping, checking every key and coercing every value to its type."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TBPSError(f"config section {where or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise TBPSError(
+            f"unknown config key {prefix}{unknown[0]} (known in {where or 'the top level'}: "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a recipe (with its bases), apply ``key=value`` overrides, and validate every key."""
+    data = _load_with_bases(Path(path)) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return build_dataclass(Config, data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return build_dataclass(Config, data)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config next to an output, atomically."""
+    write_text_atomic(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
