@@ -1,0 +1,1 @@
+"""Dataset parsers, SynthPEDES, transforms, tokenizers and loaders."""
