@@ -1,0 +1,147 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``, portable across datasets.
+
+A checkpoint holds only tensors, numbers, strings, lists and dicts, so ``torch.load(...,
+weights_only=True)`` can read it without unpickling arbitrary code. Loading for inference or
+fine-tuning on another dataset skips the identity classifier when the number of identities differs
+(a known fault of the reference code).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tbps import __version__
+from tbps.config import Config, config_from_dict
+from tbps.errors import TBPSError
+from tbps.io import torch_save_atomic
+
+log = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("model", "config", "num_classes")
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG the training loop draws from, in a weights_only-safe form."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def save_checkpoint(path: str | Path, *, model: nn.Module, cfg: Config, num_classes: int,
+                    **extra: Any) -> None:
+    """Write ``path`` atomically (temp file + rename): a kill never leaves a broken checkpoint."""
+    payload = {
+        "model": unwrap(model).state_dict(),
+        "config": cfg.to_dict(),
+        "num_classes": int(num_classes),
+        "tbps_version": __version__,
+        **extra,
+    }
+    torch_save_atomic(payload, path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a tbps checkpoint with ``weights_only=True``; one-line errors for what users hit."""
+    path = Path(path)
+    if not path.is_file():
+        raise TBPSError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, not a torch file, unsafe pickle content
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TBPSError(f"{path}: not a readable tbps checkpoint ({first[:200]})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise TBPSError(f"{path}: not a tbps checkpoint (expected the keys {', '.join(REQUIRED_KEYS)})")
+    return ckpt
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def load_model_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> list[str]:
+    """Load ``state`` into ``model``, skipping the identity classifier when its size differs.
+
+    Returns the names of the skipped keys. Any other missing or mismatched key is an error that
+    names the key and both shapes.
+    """
+    model = unwrap(model)
+    own = model.state_dict()
+    classifier_prefixes = tuple(getattr(model, "classifier_keys", ("classifier.",)))
+    skipped: list[str] = []
+    filtered: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            if key.startswith(classifier_prefixes):
+                skipped.append(key)
+                continue
+            raise TBPSError(f"{source}: {key} has shape {tuple(value.shape)} but the model expects "
+                            f"{tuple(own[key].shape)} (a different architecture?)")
+        filtered[key] = value
+    missing = [k for k in own if k not in filtered and k not in skipped]
+    unexpected = [k for k in filtered if k not in own]
+    if missing and not all(k.startswith(classifier_prefixes) for k in missing):
+        raise TBPSError(f"{source}: {len(missing)} model weights missing, e.g. {missing[0]} "
+                        "(was it trained with another method or backbone?)")
+    if unexpected:
+        raise TBPSError(f"{source}: {len(unexpected)} unexpected weights, e.g. {unexpected[0]} "
+                        "(was it trained with another method or backbone?)")
+    model.load_state_dict(filtered, strict=False)
+    if skipped:
+        log.info("%s: identity classifier skipped (%s): the number of identities differs", source,
+                 ", ".join(skipped))
+    return skipped
+
+
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, cfg, tokenizer) ready for inference; pretrained backbone files are not needed."""
+    from tbps.data.tokenizers import build_tokenizer
+    from tbps.engine.distributed import resolve_device
+    from tbps.models import build_model
+
+    ckpt = read_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"])
+    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.text_length)
+    model = build_model(cfg, int(ckpt["num_classes"]), tokenizer, load_pretrained=False)
+    load_model_weights(model, ckpt["model"], source=str(path))
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    model.to(dev).eval()
+    return model, cfg, tokenizer
+
+
+def checkpoint_config(path: str | Path) -> Config:
+    return config_from_dict(read_checkpoint(path)["config"])
