@@ -81,6 +81,7 @@ class TrainConfig:
     log_every: int = 20  # optimiser steps between log lines / metrics.jsonl rows
     max_steps: int = 0  # stop after N optimiser steps (smoke runs, profiling); 0 = no limit
     tensorboard: bool = False
+    output_dir: str = "runs/exp"  # config.yaml, last.pt, best.pt, metrics.jsonl go here
     init_checkpoint: str = ""  # start from a tbps checkpoint (classifier skipped if ids differ)
 
 
@@ -214,6 +215,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is str:
         if value is None:
             return ""
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on/no/yes as a bool
+            return "on" if value else "off"
         if isinstance(value, (dict, list)):
             raise TBPSError(f"config key {where}: expected a string, got {value!r}")
         return str(value)

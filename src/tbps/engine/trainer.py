@@ -229,14 +229,20 @@ class Trainer:
         return row
 
     def validate(self) -> dict[str, float] | None:
-        """Rank 0 evaluates on the selection split; every rank gets the result."""
+        """Rank 0 evaluates on the selection split; every rank gets the result.
+
+        Every RNG is restored afterwards, so whether and when validation runs never changes the
+        training randomness (a resumed run matches an uninterrupted one exactly).
+        """
         result = None
         if self.eval_records is not None and self.dist.is_main:
             from tbps.engine.evaluator import Evaluator
 
+            rng = capture_rng_state()
             evaluator = Evaluator(unwrap(self.model), self.eval_records, self.tokenizer, self.image_transform,
                                   self.cfg.eval, self.device, progress=False)
             result = evaluator.evaluate()
+            restore_rng_state(rng)
         return D.broadcast_object(result, self.dist)
 
     def fit(self) -> dict[str, Any]:

@@ -1,0 +1,69 @@
+"""Image preprocessing: CLIP normalisation, and IRRA's train-time augmentation.
+
+Pedestrian crops are resized to a fixed (height, width), usually 384x128, without keeping the aspect
+ratio: that is how the published baselines were trained and evaluated, so it is what the pretrained
+weights and the reported numbers assume.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torchvision import transforms as T
+
+from tbps.errors import TBPSError
+
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _image_size(image_size: Any) -> tuple[int, int]:
+    try:
+        values = [int(v) for v in image_size]
+        ok = len(values) == 2 and all(v > 0 and v == float(s) for v, s in zip(values, image_size))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise TBPSError(f"data.image_size must be [height, width] in pixels, got {image_size!r}")
+    return values[0], values[1]
+
+
+def build_image_transform(
+    image_size: Sequence[int] | Any, train: bool, augment: bool = True
+) -> T.Compose:
+    """PIL image -> normalised float tensor (3, H, W).
+
+    ``image_size`` is ``[height, width]``, or a ``DataConfig`` (its ``image_size`` and ``augment``
+    are used). Test: bicubic resize, CLIP normalisation. Train with ``augment``: IRRA's recipe
+    (flip, pad 10 + random crop back to size, random erasing with scale 0.02-0.4). Random erasing
+    fills with the CLIP mean values in normalised space, exactly as IRRA does.
+    """
+    if hasattr(image_size, "image_size"):  # a DataConfig
+        augment = augment and bool(getattr(image_size, "augment", True))
+        image_size = image_size.image_size
+    height, width = _image_size(image_size)
+    resize = T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC)
+    to_tensor = [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    if not (train and augment):
+        return T.Compose([resize, *to_tensor])
+    return T.Compose(
+        [
+            resize,
+            T.RandomHorizontalFlip(0.5),
+            T.Pad(10),
+            T.RandomCrop((height, width)),
+            *to_tensor,
+            T.RandomErasing(scale=(0.02, 0.4), value=list(CLIP_MEAN)),
+        ]
+    )
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Undo CLIP normalisation for display: (3, H, W) or (B, 3, H, W) -> values in [0, 1]."""
+    if images.dim() not in (3, 4) or images.shape[-3] != 3:
+        raise ValueError(f"expected (3, H, W) or (B, 3, H, W), got shape {tuple(images.shape)}")
+    shape = (3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, dtype=images.dtype, device=images.device).view(shape)
+    std = torch.tensor(CLIP_STD, dtype=images.dtype, device=images.device).view(shape)
+    return (images * std + mean).clamp(0.0, 1.0)

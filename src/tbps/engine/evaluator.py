@@ -1,0 +1,264 @@
+"""Text-to-image evaluation of a model on a split: embed, score through one hook, rank, report.
+
+Queries are every caption of every record, the gallery every record's image; a caption's matches
+are the images of its person (the field's protocol, see ``tbps.engine.metrics``). Embeddings are
+computed in batches; scoring and ranking then run ``query_chunk`` captions at a time, so memory
+stays bounded whatever the split's size.
+
+Every method is scored the same way, through the model's own hooks:
+
+- ``model.embed_texts(token_ids)`` / ``model.embed_images(images)`` -> dict of batch-first tensors
+  (L2-normalised by the model; at least ``"global"``, plus whatever its similarity needs);
+- ``model.similarity(text_feats, image_feats)`` -> (captions, images) scores, given a chunk of the
+  text features and all image features. A method that fuses global and local scores, or re-ranks,
+  does it there; the evaluator has no per-method branches.
+
+A model without these hooks (just ``encode_text`` / ``encode_image``) is scored by the cosine of
+its L2-normalised global embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from tbps.config import EvalConfig
+from tbps.data.images import ImagePathDataset
+from tbps.engine.distributed import resolve_device
+from tbps.engine.metrics import rank_metrics_from_scores
+from tbps.errors import TBPSError
+
+Features = dict[str, torch.Tensor]
+METRIC_ORDER = ("mAP", "mINP")
+
+__all__ = ["Evaluator", "evaluate_checkpoint", "format_metrics_table", "append_metrics_jsonl", "resolve_device"]
+
+
+def _as_device(device: str | torch.device) -> torch.device:
+    return device if isinstance(device, torch.device) else resolve_device(str(device))
+
+
+def _slice(features: Features, start: int, end: int) -> Features:
+    return {key: value[start:end] for key, value in features.items()}
+
+
+def _as_features(output: Any, hook: str) -> Features:
+    if torch.is_tensor(output):
+        return {"global": output}
+    if not isinstance(output, dict) or not output or not all(torch.is_tensor(v) for v in output.values()):
+        raise TBPSError(f"model.{hook} must return a dict of tensors (e.g. {{'global': (B, D)}}), "
+                        f"got {type(output).__name__}")
+    return output
+
+
+def _concat(batches: list[Features], hook: str) -> Features:
+    keys = list(batches[0])
+    if any(list(b) != keys for b in batches):
+        raise TBPSError(f"model.{hook} returned different keys for different batches")
+    return {key: torch.cat([b[key] for b in batches]) for key in keys}
+
+
+class Evaluator:
+    """Embeds a split's captions and images with ``model`` and reports R@k, mAP, mINP (percent).
+
+    ``records`` need ``.pid``, ``.image_path`` and ``.captions``; ``tokenizer(list[str])`` returns
+    (N, L) token ids; ``image_transform`` maps a PIL image to a (3, H, W) tensor.
+    """
+
+    def __init__(self, model: torch.nn.Module, records: Sequence[Any], tokenizer: Callable[[list[str]], torch.Tensor],
+                 image_transform: Callable, eval_cfg: EvalConfig, device: str | torch.device,
+                 progress: bool = True, num_workers: int = 0) -> None:
+        if not records:
+            raise TBPSError("nothing to evaluate: the split has no records")
+        self.model = model
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.cfg = eval_cfg
+        self.device = _as_device(device)
+        self.progress = progress
+        self.num_workers = num_workers
+        self.captions = [caption for record in self.records for caption in record.captions]
+        self.query_pids = [record.pid for record in self.records for _ in record.captions]
+        self.gallery_pids = [record.pid for record in self.records]
+        self.image_paths = [str(record.image_path) for record in self.records]
+        if not self.captions:
+            raise TBPSError("nothing to evaluate: the split's records have no captions")
+
+    # ------------------------------------------------------------------ hooks
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for embedding on CUDA only; CPU evaluation stays in float32."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def _embed(self, hook: str, fallback: str, inputs: torch.Tensor) -> Features:
+        if hasattr(self.model, hook):
+            return _as_features(getattr(self.model, hook)(inputs), hook)
+        return {"global": F.normalize(getattr(self.model, fallback)(inputs).float(), dim=-1)}
+
+    def similarity(self, text_feats: Features, image_feats: Features) -> torch.Tensor:
+        """The model's scoring hook, or the cosine of the global embeddings when it has none."""
+        if hasattr(self.model, "similarity"):
+            return self.model.similarity(text_feats, image_feats)
+        return text_feats["global"] @ image_feats["global"].t()
+
+    # ------------------------------------------------------------------ embedding
+    def embed_captions(self) -> Features:
+        """Every caption, tokenised and embedded in batches of ``eval_cfg.batch_size``."""
+        batch_size = self.cfg.batch_size
+        outputs = []
+        starts = range(0, len(self.captions), batch_size)
+        for start in tqdm(starts, desc="embedding captions", unit="batch", disable=not self.progress,
+                          leave=False):
+            token_ids = self.tokenizer(self.captions[start:start + batch_size]).to(self.device)
+            with self._autocast():
+                outputs.append(self._embed("embed_texts", "encode_text", token_ids))
+        return {k: v.float() if v.is_floating_point() else v for k, v in _concat(outputs, "embed_texts").items()}
+
+    def embed_gallery(self) -> Features:
+        """Every gallery image, decoded and embedded in batches of ``eval_cfg.batch_size``."""
+        loader = DataLoader(ImagePathDataset(self.image_paths, self.image_transform), batch_size=self.cfg.batch_size,
+                            shuffle=False, num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        outputs = []
+        seen = 0
+        for indices, images in tqdm(loader, desc="embedding images", unit="batch", disable=not self.progress,
+                                    leave=False):
+            if int(indices[0]) != seen:
+                raise TBPSError("gallery images arrived out of order from the data loader")
+            seen += len(indices)
+            with self._autocast():
+                outputs.append(self._embed("embed_images", "encode_image", images.to(self.device, non_blocking=True)))
+        return {k: v.float() if v.is_floating_point() else v for k, v in _concat(outputs, "embed_images").items()}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Metrics in percent plus ``num_queries``, ``num_gallery``, ``seconds`` (and ``i2t_*``)."""
+        start_time = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                text_feats = self.embed_captions()
+                image_feats = self.embed_gallery()
+                num_queries, num_gallery = len(self.captions), len(self.image_paths)
+
+                def text_to_image(start: int, end: int) -> torch.Tensor:
+                    return self.similarity(_slice(text_feats, start, end), image_feats)
+
+                metrics: dict[str, float] = rank_metrics_from_scores(
+                    text_to_image, num_queries, self.query_pids, self.gallery_pids,
+                    chunk_size=self.cfg.query_chunk)
+                if self.cfg.i2t:
+                    def image_to_text(start: int, end: int) -> torch.Tensor:
+                        return self.similarity(text_feats, _slice(image_feats, start, end)).t()
+
+                    i2t = rank_metrics_from_scores(image_to_text, num_gallery, self.gallery_pids, self.query_pids,
+                                                   chunk_size=self.cfg.query_chunk)
+                    metrics.update({f"i2t_{key}": value for key, value in i2t.items()})
+        finally:
+            self.model.train(was_training)
+        metrics.update(num_queries=num_queries, num_gallery=num_gallery,
+                       seconds=round(time.perf_counter() - start_time, 3))
+        return metrics
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def _metric_columns(metrics: dict[str, Any], prefix: str = "") -> list[str]:
+    recalls = sorted((key for key in metrics if re.fullmatch(rf"{prefix}R\d+", key)),
+                     key=lambda key: int(key[len(prefix) + 1:]))
+    return [key[len(prefix):] for key in recalls] + [m for m in METRIC_ORDER if f"{prefix}{m}" in metrics]
+
+
+def format_metrics_table(metrics: dict[str, Any]) -> str:
+    """An aligned table of R@k / mAP / mINP with three decimals, as papers report them."""
+    columns = _metric_columns(metrics)
+    rows = [("text-to-image", [metrics[c] for c in columns])]
+    i2t_columns = _metric_columns(metrics, "i2t_")
+    if i2t_columns == columns:
+        rows.append(("image-to-text", [metrics[f"i2t_{c}"] for c in columns]))
+    label_width = max(len("task"), *(len(label) for label, _ in rows))
+    cells = [[f"{value:.3f}" for value in values] for _, values in rows]
+    widths = [max(7, len(name), *(len(row[i]) for row in cells)) for i, name in enumerate(columns)]
+    rule = "+-" + "-" * label_width + "-+" + "+".join("-" * (w + 2) for w in widths) + "+"
+
+    def line(label: str, values: list[str]) -> str:
+        return "| " + label.ljust(label_width) + " |" + "|".join(f" {v.rjust(w)} " for v, w in zip(values, widths)) + "|"
+
+    out = [rule, line("task", columns), rule]
+    out += [line(label, row) for (label, _), row in zip(rows, cells)]
+    out.append(rule)
+    if "num_queries" in metrics and "num_gallery" in metrics:
+        footer = f"{metrics['num_queries']:,} queries x {metrics['num_gallery']:,} gallery images"
+        if "seconds" in metrics:
+            footer += f", {metrics['seconds']:.1f} s"
+        out.append(footer)
+    return "\n".join(out)
+
+
+def _json_value(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def append_metrics_jsonl(path: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Append ``row`` as one JSON line: one small append-mode write, so a crash leaves whole lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(row, default=_json_value) + "\n"
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, root: str | os.PathLike | None = None,
+                        split: str = "test", device: str | torch.device = "auto", batch_size: int = 128,
+                        i2t: bool = False, progress: bool = True) -> dict[str, float]:
+    """Evaluate a saved model on a split (by default the dataset it was trained on); the row is
+    also appended to ``metrics.jsonl`` beside the checkpoint so results stay with the weights."""
+    from tbps.data.datasets import load_dataset
+    from tbps.data.transforms import build_image_transform
+    from tbps.engine.checkpoint import load_model_from_checkpoint
+
+    if batch_size < 1:
+        raise TBPSError(f"batch size must be at least 1, got {batch_size}")
+    dev = _as_device(device)
+    model, cfg, tokenizer = load_model_from_checkpoint(checkpoint, dev)
+    name = dataset or cfg.data.dataset
+    if root is None:
+        if name != cfg.data.dataset:
+            raise TBPSError(f"the checkpoint was trained on {cfg.data.dataset!r}: give --root for {name!r}")
+        root = cfg.data.root
+    records = load_dataset(name, root).split(split)
+    if not records:
+        raise TBPSError(f"{name} ({root}): the {split} split is empty")
+    eval_cfg = dataclasses.replace(cfg.eval, batch_size=batch_size, i2t=i2t)
+    transform = build_image_transform(cfg.data.image_size, train=False)
+    workers = min(cfg.data.num_workers, os.cpu_count() or 1)
+    metrics = Evaluator(model, records, tokenizer, transform, eval_cfg, dev, progress=progress,
+                        num_workers=workers).evaluate()
+    row = {"event": "eval", "split": split, "dataset": name, "root": str(root), "checkpoint": str(checkpoint),
+           **metrics, "time": datetime.datetime.now().isoformat(timespec="seconds")}
+    append_metrics_jsonl(Path(checkpoint).parent / "metrics.jsonl", row)
+    return metrics

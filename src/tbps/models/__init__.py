@@ -1,0 +1,33 @@
+"""Methods behind one registry: ``build_model(cfg, num_classes, tokenizer)`` builds ``cfg.model.name``.
+
+Adding a method is one file with ``@METHODS.register("name")`` on a :class:`TBPSModel` subclass
+and one import line at the bottom of this module.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tbps.models.base import TBPSModel
+from tbps.registry import Registry
+
+if TYPE_CHECKING:
+    from tbps.config import Config
+
+METHODS: Registry = Registry("method")
+
+
+def build_model(cfg: "Config", num_classes: int, tokenizer, load_pretrained: bool = True) -> TBPSModel:
+    """The method named by ``cfg.model.name``, its options read from ``cfg.method`` and ``cfg.loss``.
+
+    ``load_pretrained=False`` builds the architecture without reading backbone weight files: a
+    checkpoint is about to overwrite every weight (inference, resume).
+    """
+    method = METHODS.get(cfg.model.name)
+    return method(cfg, num_classes, tokenizer, load_pretrained=load_pretrained)
+
+
+# one line per method module: importing it registers the method
+from tbps.models import irra  # noqa: E402,F401
+
+__all__ = ["METHODS", "TBPSModel", "build_model"]

@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tbps.config import Config, load_config, save_config
+from tbps.errors import TBPSError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_irra_recipe():
+    cfg = Config()
+    assert cfg.data.image_size == [384, 128] and cfg.data.text_length == 77
+    assert cfg.optim.lr == 1e-5 and cfg.optim.new_lr_factor == 5 and cfg.train.epochs == 60
+    assert cfg.loss == {"sdm": 1.0, "id": 1.0, "irr": 1.0}
+
+
+def test_bases_then_file_then_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim: {lr: 0.1, eps: 0.5}\ndata: {batch_size: 8}\n")
+    (tmp_path / "recipe.yaml").write_text("_base_: base.yaml\noptim: {lr: 0.2}\n")
+    cfg = load_config(tmp_path / "recipe.yaml", ["data.batch_size=16", "data.image_size=[96, 32]",
+                                                 "method.mask_ratio=0.3", "train.amp=off"])
+    assert cfg.optim.lr == 0.2 and cfg.optim.eps == 0.5
+    assert cfg.data.batch_size == 16 and cfg.data.image_size == [96, 32]
+    assert cfg.method == {"mask_ratio": 0.3} and cfg.train.amp == "off"
+
+
+def test_loss_section_is_replaced_not_merged(tmp_path):
+    (tmp_path / "r.yaml").write_text("loss: {sdm: 1.0, id: 0.5}\n")
+    assert load_config(tmp_path / "r.yaml").loss == {"sdm": 1.0, "id": 0.5}
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("data.batch_size=abc", "data.batch_size"),
+    ("train.tensorboard=3", "train.tensorboard"),
+    ("nokey", "key=value"),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(TBPSError, match=words.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(TBPSError, match="bad.yaml"):
+        load_config(path)
+    with pytest.raises(TBPSError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_base_loop_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(TBPSError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["optim.lr=3e-4", "model.name=irra"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temp file
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_recipe_loads(recipe):
+    cfg = load_config(REPO / "configs" / recipe)
+    assert cfg.model.name
+    assert yaml.safe_load((REPO / "configs" / recipe).read_text()) is not None

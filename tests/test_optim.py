@@ -1,0 +1,57 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tbps.config import OptimConfig
+from tbps.engine.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
+
+
+class Toy(nn.Module):
+    backbone_prefixes = ("image_encoder.",)
+
+    def __init__(self):
+        super().__init__()
+        self.image_encoder = nn.Linear(4, 4)
+        self.classifier = nn.Linear(4, 3)
+
+
+def test_parameter_groups_follow_the_recipe():
+    cfg = OptimConfig(lr=1e-5, new_lr_factor=5, bias_lr_factor=2, weight_decay=4e-5, weight_decay_bias=0)
+    groups = {name: (g["lr"], g["weight_decay"]) for g in parameter_groups(Toy(), cfg) for name in g["names"]}
+    assert groups["image_encoder.weight"] == (1e-5, 4e-5)
+    assert groups["image_encoder.bias"] == (2e-5, 0.0)
+    assert groups["classifier.weight"] == pytest.approx((5e-5, 4e-5))
+    assert groups["classifier.bias"] == pytest.approx((1e-4, 0.0))
+
+
+def test_warmup_then_cosine_to_floor():
+    cfg = OptimConfig(lr=1.0, warmup_epochs=2, warmup_factor=0.1, min_lr=0.0, scheduler="cosine")
+    steps, total = 10, 100
+    assert lr_factor(0, cfg, steps, total, 1.0) == pytest.approx(0.1)
+    assert lr_factor(10, cfg, steps, total, 1.0) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(20, cfg, steps, total, 1.0) == pytest.approx(1.0)
+    mid = 20 + 40
+    assert lr_factor(mid, cfg, steps, total, 1.0) == pytest.approx(0.5)
+    assert lr_factor(total, cfg, steps, total, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_scheduler_drives_each_group():
+    model = Toy()
+    cfg = OptimConfig(lr=0.1, warmup_epochs=0, scheduler="cosine", min_lr=0.0)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=5, epochs=2)
+    base = [g["lr"] for g in opt.param_groups]
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    for group, b in zip(opt.param_groups, base):
+        assert group["lr"] == pytest.approx(b * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_step_schedule():
+    cfg = OptimConfig(warmup_epochs=0, scheduler="step", milestones=[2, 4], gamma=0.1)
+    assert lr_factor(19, cfg, 10, 100, 1.0) == 1.0
+    assert lr_factor(20, cfg, 10, 100, 1.0) == pytest.approx(0.1)
+    assert lr_factor(45, cfg, 10, 100, 1.0) == pytest.approx(0.01)
