@@ -45,6 +45,7 @@ class ModelConfig:
     text_backbone: str = "clip"  # "clip" (the CLIP text tower) or "hf" (a BERT-family encoder)
     pretrained: str = ""  # local CLIP weights: OpenAI .pt, open_clip checkpoint or Hugging Face folder
     text_pretrained: str = ""  # with text_backbone=hf: "minilm" (shipped) or a Hugging Face folder
+    text_frozen_layers: int = 0  # with text_backbone=hf: embeddings + this many lowest layers stay fixed
     text_pooling: str = "default"  # "default" (CLIP: EOT token, BERT: CLS), "eot", "cls" or "mean"
     embed_dim: int = 512  # joint space width where the backbone does not fix it
     temperature: float = 0.02  # similarity scale 1/temperature in SDM / ITC / CMPM

@@ -1,6 +1,6 @@
 """``tbps demo``: the whole pipeline on SynthPEDES, on the CPU, in minutes.
 
-Synthesise a dataset, train a small IRRA model (tiny ViT + the pretrained MiniLM text encoder that
+Synthesise a dataset, train a small IRRA model (tiny CLIP ResNet + the pretrained MiniLM text encoder that
 ships offline), evaluate on the test split, and print three searches with the right person marked.
 The recipe is ``configs/demo_cpu.yaml``; ``--quick`` shrinks data and budget.
 """
@@ -22,8 +22,8 @@ log = logging.getLogger("tbps.demo")
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # (identities, images per identity, epochs) for the full demo and --quick
-DEMO_SIZES = {"full": {"ids": 500, "images_per_id": 4, "epochs": 12},
-              "quick": {"ids": 300, "images_per_id": 4, "epochs": 5}}
+DEMO_SIZES = {"full": {"ids": 500, "images_per_id": 4, "epochs": 6},
+              "quick": {"ids": 200, "images_per_id": 4, "epochs": 4}}
 
 
 def demo_config_path() -> Path:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from tbps.config import EvalConfig
 from tbps.data.images import ImagePathDataset
 from tbps.engine.distributed import resolve_device
-from tbps.engine.metrics import rank_metrics_from_scores
+from tbps.engine.metrics import default_chunk_size, rank_metrics_from_scores
 from tbps.errors import TBPSError
 
 Features = dict[str, torch.Tensor]
@@ -159,15 +159,17 @@ class Evaluator:
                 def text_to_image(start: int, end: int) -> torch.Tensor:
                     return self.similarity(_slice(text_feats, start, end), image_feats)
 
+                # the configured chunk, but never more rows than the memory bound allows
+                chunk = min(self.cfg.query_chunk, default_chunk_size(num_gallery))
                 metrics: dict[str, float] = rank_metrics_from_scores(
-                    text_to_image, num_queries, self.query_pids, self.gallery_pids,
-                    chunk_size=self.cfg.query_chunk)
+                    text_to_image, num_queries, self.query_pids, self.gallery_pids, chunk_size=chunk)
                 if self.cfg.i2t:
                     def image_to_text(start: int, end: int) -> torch.Tensor:
                         return self.similarity(text_feats, _slice(image_feats, start, end)).t()
 
                     i2t = rank_metrics_from_scores(image_to_text, num_gallery, self.gallery_pids, self.query_pids,
-                                                   chunk_size=self.cfg.query_chunk)
+                                                   chunk_size=min(self.cfg.query_chunk,
+                                                                  default_chunk_size(num_queries)))
                     metrics.update({f"i2t_{key}": value for key, value in i2t.items()})
         finally:
             self.model.train(was_training)

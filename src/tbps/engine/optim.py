@@ -10,8 +10,6 @@ step: a linear warm-up from ``warmup_factor`` over ``warmup_epochs``, then cosin
 from __future__ import annotations
 
 import math
-from typing import Iterable
-
 import torch
 from torch import nn
 
@@ -81,7 +79,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_pe
     ]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
-
-def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
-    norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -240,7 +239,8 @@ class Trainer:
 
             rng = capture_rng_state()
             evaluator = Evaluator(unwrap(self.model), self.eval_records, self.tokenizer, self.image_transform,
-                                  self.cfg.eval, self.device, progress=False)
+                                  self.cfg.eval, self.device, progress=False,
+                                  num_workers=min(self.cfg.data.num_workers, 2))
             result = evaluator.evaluate()
             restore_rng_state(rng)
         return D.broadcast_object(result, self.dist)
@@ -284,7 +284,6 @@ class Trainer:
             if not stopped_early:
                 st.epoch += 1
                 st.batch_in_epoch = 0
-            epoch_done = st.epoch - 1
             if self.dist.is_main:
                 log.info("epoch %d: loss %.4f, %.0f pairs/s", epoch + 1, running.get("loss", float("nan")),
                          pairs / max(1e-9, time.perf_counter() - t0))
@@ -299,7 +298,7 @@ class Trainer:
                              metrics["R1"], metrics["R5"], metrics["R10"], metrics["mAP"], metrics["mINP"])
             improved = metrics is not None and metrics["R1"] > st.best_metric
             if improved:
-                st.best_metric, st.best_epoch = float(metrics["R1"]), epoch_done + 1
+                st.best_metric, st.best_epoch = float(metrics["R1"]), st.epoch
             self._save("last.pt")
             if improved or (self.eval_records is None and self.dist.is_main):
                 if self.dist.is_main:

@@ -925,6 +925,22 @@ def _build_hf_text(model_cfg: Any, tokenizer: Any, load_pretrained: bool = True)
     return HFTextEncoder(backbone, tokenizer, int(model_cfg.embed_dim), _text_pooling(model_cfg, "cls"), name)
 
 
+def freeze_lower_text_layers(encoder: "HFTextEncoder", num_layers: int) -> None:
+    """Keep the embeddings and the lowest ``num_layers`` transformer layers of a BERT fixed.
+
+    Fine-tuning only the top of a pretrained text encoder keeps most of its language knowledge
+    and skips the backward pass through the frozen layers (the demo's CPU budget).
+    """
+    if num_layers <= 0:
+        return
+    layers = encoder.backbone.encoder.layer
+    if num_layers > len(layers):
+        raise TBPSError(f"model.text_frozen_layers={num_layers}: the text encoder has only {len(layers)} layers")
+    for module in [encoder.backbone.embeddings, *layers[:num_layers]]:
+        for param in module.parameters():
+            param.requires_grad_(False)
+
+
 def build_text_encoder(model_cfg: Any, tokenizer: Any, load_pretrained: bool = True,
                        _weights: tuple[dict[str, Tensor], dict[str, Any]] | None = None) -> nn.Module:
     """Text encoder by ``model_cfg.text_backbone``: ``"clip"`` (the tower paired with
@@ -935,7 +951,9 @@ def build_text_encoder(model_cfg: Any, tokenizer: Any, load_pretrained: bool = T
     """
     kind = getattr(model_cfg, "text_backbone", "clip")
     if kind == "hf":
-        return _build_hf_text(model_cfg, tokenizer, load_pretrained)
+        encoder = _build_hf_text(model_cfg, tokenizer, load_pretrained)
+        freeze_lower_text_layers(encoder, int(getattr(model_cfg, "text_frozen_layers", 0)))
+        return encoder
     if kind != "clip":
         raise TBPSError(f"model.text_backbone: expected 'clip' or 'hf', got {kind!r}")
     weights = _weights

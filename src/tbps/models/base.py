@@ -23,8 +23,23 @@ class TBPSModel(nn.Module):
     are skipped when a checkpoint from another dataset is loaded.
     """
 
-    backbone_prefixes: tuple[str, ...] = ("image_encoder.", "text_encoder.")
+    backbone_prefixes: tuple[str, ...] = ("image_encoder.backbone.", "text_encoder.backbone.")
     classifier_keys: tuple[str, ...] = ("classifier.",)
+
+    def set_backbone_prefixes(self, model_cfg) -> None:
+        """Only encoders that start from pretrained weights train at the backbone rate.
+
+        Decided from the config, not from whether weights were read now, so a resumed or
+        checkpoint-loaded model builds the same optimiser groups as the original run. A randomly
+        initialised encoder (the tiny CPU architectures) is a new module and trains at the new rate.
+        """
+        prefixes = []
+        if model_cfg.pretrained:
+            prefixes.append("image_encoder.backbone.")
+        text_pretrained = model_cfg.text_pretrained if model_cfg.text_backbone == "hf" else model_cfg.pretrained
+        if text_pretrained:
+            prefixes.append("text_encoder.backbone.")
+        self.backbone_prefixes = tuple(prefixes)
 
     def encode_image(self, images: Tensor) -> Tensor:
         """Global image embedding ``(B, D)``, not normalised."""

@@ -83,6 +83,7 @@ class IRRA(TBPSModel):
             raise TBPSError(f"model.temperature must be > 0, got {cfg.model.temperature}")
         self.logit_scale = 1.0 / cfg.model.temperature  # fixed, not learnt (IRRA)
         self.image_encoder, self.text_encoder = _backbones(cfg, tokenizer, load_pretrained)
+        self.set_backbone_prefixes(cfg.model)
         dim = int(self.image_encoder.output_dim)
         if int(self.text_encoder.output_dim) != dim:
             raise TBPSError(f"model: image features are {dim}-d but text features "
