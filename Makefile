@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/tbps demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SETUPS = {
     # name: (recipe, overrides, description)
-    "demo": ("configs/demo_cpu.yaml", [], "demo recipe: tiny ViT 128x48 + MiniLM, SDM+ID"),
+    "demo": ("configs/demo_cpu.yaml", [], "demo recipe: tiny CLIP ResNet 128x64 + MiniLM (4 of 6 layers frozen), SDM+ID"),
     "vitb16": ("configs/base.yaml", ["model.pretrained="], "IRRA: CLIP ViT-B/16 384x128, SDM+ID+IRR"),
 }
 
