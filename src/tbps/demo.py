@@ -46,26 +46,22 @@ def _ensure_dataset(root: Path, ids: int, images_per_id: int, height: int, width
     stamp.write_text(json.dumps(params))
 
 
-def print_searches(model, tokenizer, records, transform, device, num_queries: int = 3, top_k: int = 5,
-                   seed: int = 0) -> list[dict]:
-    """Rank the test gallery for a few test captions; print top-k paths and whether each is a match."""
-    from tbps.data.images import ImagePathDataset
+def print_searches(evaluator, records, num_queries: int = 3, top_k: int = 5, seed: int = 0) -> list[dict]:
+    """Rank the test gallery for a few test captions; print top-k paths and whether each is a match.
 
-    gallery = ImagePathDataset([r.image_path for r in records], transform)
-    loader = torch.utils.data.DataLoader(gallery, batch_size=128)
-    feats = []
+    Uses the evaluator's own gallery embedding and scoring hook, so the searches rank exactly as
+    the reported metrics do.
+    """
     with torch.inference_mode():
-        for _, images in loader:
-            feats.append(model.embed_images(images.to(device)))
-        image_feats = {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
+        image_feats = evaluator.embed_gallery()
         generator = torch.Generator().manual_seed(seed)
         picks = torch.randperm(len(records), generator=generator)[:num_queries].tolist()
         searches = []
         for idx in picks:
             record = records[idx]
             caption = record.captions[0]
-            text_feats = model.embed_texts(tokenizer([caption]).to(device))
-            scores = model.similarity(text_feats, image_feats)[0]
+            text_feats = evaluator.model.embed_texts(evaluator.tokenizer([caption]).to(evaluator.device))
+            scores = evaluator.similarity(text_feats, image_feats)[0]
             top = torch.topk(scores, k=min(top_k, len(records)))
             print(f'\nquery: "{caption}"')
             results = []
@@ -102,8 +98,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
     model, cfg, tokenizer = load_model_from_checkpoint(checkpoint, device)
     dataset = load_dataset(cfg.data.dataset, cfg.data.root)
     transform = build_image_transform(cfg.data.image_size, train=False)
-    metrics = Evaluator(model, dataset.test, tokenizer, transform, cfg.eval, next(model.parameters()).device,
-                        progress=True).evaluate()
+    evaluator = Evaluator(model, dataset.test, tokenizer, transform, cfg.eval, next(model.parameters()).device,
+                          progress=True)
+    metrics = evaluator.evaluate()
     test_metrics = {k: round(float(metrics[k]), 3) for k in ("R1", "R5", "R10", "mAP", "mINP")}
     (out / "test_metrics.json").write_text(json.dumps(test_metrics) + "\n")
     print(format_metrics_table(metrics))
@@ -112,7 +109,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
           f"{len({r.pid for r in dataset.test})} people)")
 
     print("[4/4] three searches of the test gallery (✓ = the described person)")
-    searches = print_searches(model, tokenizer, dataset.test, transform, next(model.parameters()).device)
+    searches = print_searches(evaluator, dataset.test)
     (out / "searches.json").write_text(json.dumps(searches, indent=2))
 
     minutes = (time.perf_counter() - started) / 60

@@ -20,11 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tbps.data.images import ImagePathDataset, load_image
+from tbps.data.images import load_image
 from tbps.errors import TBPSError
-
-# the evaluator's gallery dataset: ``(index, image)`` per path (see data/images.py)
-ImageFolderDataset = ImagePathDataset
 
 
 # ----------------------------------------------------------------------------- pairs

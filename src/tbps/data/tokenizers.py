@@ -22,6 +22,21 @@ CLIP_MASK_TOKEN = "<|mask|>"
 MIN_CONTEXT_LENGTH = 3  # start, one word, end
 
 
+def caption_valid_mask(token_ids: torch.Tensor, eot_id: int, pad_id: int) -> torch.Tensor:
+    """``(B, L)`` bool, True from the start token through the first end token.
+
+    Padding is told apart by position, not by value, because CLIP pads with 0, the id of ``!``.
+    Rows without an end token (hand-built input) fall back to ``token_ids != pad_id``.
+    """
+    is_end = token_ids == eot_id
+    after_end = (is_end.long().cumsum(dim=1) - is_end.long()) > 0
+    valid = ~after_end
+    if pad_id != eot_id:
+        no_end = ~is_end.any(dim=1, keepdim=True)
+        valid = torch.where(no_end, token_ids != pad_id, valid)
+    return valid
+
+
 class TextTokenizer:
     """Turns captions into a ``(N, context_length)`` LongTensor; see ``docs/architecture.md``.
 
@@ -82,17 +97,9 @@ class TextTokenizer:
         apart by position, never by value.
         """
         ids = torch.as_tensor(token_ids)
-        squeeze = ids.dim() == 1
-        if squeeze:
-            ids = ids.unsqueeze(0)
-        is_end = ids == self.eot_id
-        after_end = (is_end.long().cumsum(dim=1) - is_end.long()) > 0
-        mask = ~after_end
-        if self.pad_id != self.eot_id:
-            # rows with no end token (hand-built input): fall back to the pad value
-            no_end = ~is_end.any(dim=1, keepdim=True)
-            mask = torch.where(no_end, ids != self.pad_id, mask)
-        return mask[0] if squeeze else mask
+        if ids.dim() == 1:
+            return caption_valid_mask(ids.unsqueeze(0), self.eot_id, self.pad_id)[0]
+        return caption_valid_mask(ids, self.eot_id, self.pad_id)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Readable text of one id sequence, for debugging: start, end and padding dropped,

@@ -141,7 +141,3 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model.to(dev).eval()
     return model, cfg, tokenizer
-
-
-def checkpoint_config(path: str | Path) -> Config:
-    return config_from_dict(read_checkpoint(path)["config"])

@@ -61,14 +61,6 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if not info.enabled:
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / info.world_size
-
-
 def broadcast_object(obj, info: DistInfo, src: int = 0):
     """Send a picklable object from ``src`` to every rank (e.g. rank 0's validation score)."""
     if not info.enabled:

@@ -300,10 +300,9 @@ class Trainer:
             if improved:
                 st.best_metric, st.best_epoch = float(metrics["R1"]), st.epoch
             self._save("last.pt")
-            if improved or (self.eval_records is None and self.dist.is_main):
-                if self.dist.is_main:
-                    save_checkpoint(self.out / "best.pt", model=self.model, cfg=cfg, num_classes=self.num_classes,
-                                    best_metric=st.best_metric, epoch=st.epoch, step=st.step)
+            if self.dist.is_main and (improved or self.eval_records is None):
+                save_checkpoint(self.out / "best.pt", model=self.model, cfg=cfg, num_classes=self.num_classes,
+                                best_metric=st.best_metric, epoch=st.epoch, step=st.step)
         if self.writer is not None:
             self.writer.close()
         D.barrier(self.dist)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from tbps.data.tokenizers import caption_valid_mask
 from tbps.errors import TBPSError
 
 ARCH_DIR = Path(__file__).parent / "arch"
@@ -664,11 +665,7 @@ def clip_valid_mask(token_ids: Tensor, eot_id: int, pad_id: int) -> Tensor:
 
     Rows without an end token fall back to ``ids != pad_id``; position 0 is always valid.
     """
-    is_end = token_ids == eot_id
-    ends = is_end.long()
-    mask = (ends.cumsum(dim=1) - ends) == 0
-    no_end = ~is_end.any(dim=1, keepdim=True)
-    mask = torch.where(no_end, token_ids != pad_id, mask)
+    mask = caption_valid_mask(token_ids, eot_id, pad_id)
     mask[:, 0] = True
     return mask
 

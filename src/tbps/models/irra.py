@@ -22,12 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from tbps.config import Config, build_dataclass
+from tbps.data.tokenizers import caption_valid_mask
 from tbps.errors import TBPSError
 from tbps.losses import cmpm_loss, id_loss, itc_loss, mlm_loss, sdm_loss
 from tbps.models import METHODS
 from tbps.models.base import TBPSModel, parse_loss_weights
 from tbps.models.layers import CrossModalTransformer, MLMHead
-from tbps.models.masking import IGNORE_INDEX, caption_valid_mask, mask_tokens
+from tbps.models.masking import IGNORE_INDEX, mask_tokens
 
 IRRA_LOSSES = ("sdm", "id", "irr", "itc", "cmpm")
 

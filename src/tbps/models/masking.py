@@ -80,18 +80,3 @@ def mask_tokens(token_ids: Tensor, *, mask_id: int, vocab_size: int, special_ids
     choice = torch.randint(len(pool), token_ids.shape, generator=generator, device=device)
     corrupted = torch.where(to_random, pool[choice].to(token_ids.dtype), corrupted)
     return corrupted, labels
-
-
-def caption_valid_mask(token_ids: Tensor, eot_id: int, pad_id: int) -> Tensor:
-    """``(B, L)`` bool, True from the start token through the first end token.
-
-    Padding is told apart by position, not by value, because CLIP pads with 0, the id of ``!``.
-    Rows without an end token (hand-built input) fall back to ``token_ids != pad_id``.
-    """
-    is_end = token_ids == eot_id
-    after_end = (is_end.long().cumsum(dim=1) - is_end.long()) > 0
-    valid = ~after_end
-    if pad_id != eot_id:
-        no_end = ~is_end.any(dim=1, keepdim=True)
-        valid = torch.where(no_end, token_ids != pad_id, valid)
-    return valid
