@@ -75,9 +75,13 @@ def test_resnet_tokens_global_attention():
     torch.testing.assert_close(out["global"], encoder.backbone(images), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(encoder(images)["global"], out["global"], atol=1e-5, rtol=1e-5)
 
-    stride1 = types.SimpleNamespace(**dataclasses.asdict(cfg("tiny-rn")), resnet_last_stride=1)
-    encoder = B.build_image_encoder(stride1, [64, 32]).eval()
+    assert ModelConfig().resnet_last_stride == 2  # the default keeps CLIP's down-sampling
+    encoder = B.build_image_encoder(cfg("tiny-rn", resnet_last_stride=1), [64, 32]).eval()
+    assert encoder.grid_size == (4, 2)
+    assert encoder.backbone.attnpool.positional_embedding.shape[0] == 1 + 4 * 2
     assert encoder(images)["tokens"].shape == (2, 1 + 4 * 2, 128)
+    with pytest.raises(TBPSError, match="model.resnet_last_stride"):
+        B.build_image_encoder(cfg("tiny-rn", resnet_last_stride=3), [64, 32])
 
 
 def test_image_size_must_fit_patches():
@@ -360,4 +364,36 @@ def test_tiny_bert_folder_loads_and_resizes_vocab(tmp_path):
     torch.testing.assert_close(out["global"][1], out["tokens"][1, :4].mean(0))
     with pytest.raises(TBPSError, match="file not found"):
         B.build_text_encoder(dataclasses.replace(model_cfg, text_pretrained=str(tmp_path / "nope")),
+                             bert_tokenizer())
+
+
+def test_frozen_layer_cache_matches_full_forward_and_trains_the_top():
+    model_cfg = cfg(text_backbone="hf", text_pretrained="minilm", embed_dim=32, text_frozen_layers=4)
+    torch.manual_seed(0)
+    plain = B.build_text_encoder(model_cfg, bert_tokenizer())
+    cached = B.build_text_encoder(dataclasses.replace(model_cfg, text_frozen_cache=True), bert_tokenizer())
+    cached.load_state_dict(plain.state_dict())  # loading clears (here: empty) cache
+    plain.eval(), cached.eval()
+    ids = bert_ids()
+    with torch.no_grad():
+        want, got = plain(ids), cached(ids)
+        again = cached(ids)  # second pass: from the cache
+    assert len(cached._cache) == 2
+    mask = want["mask"]
+    torch.testing.assert_close(got["tokens"][mask], want["tokens"][mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["global"], want["global"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again["global"], got["global"])
+    assert got["tokens"].shape == want["tokens"].shape and torch.equal(got["mask"], mask)
+
+    cached.train()  # the cached part never drops out; the layers above it do train
+    assert not cached.backbone.embeddings.training
+    assert [layer.training for layer in cached.backbone.encoder.layer] == [False] * 4 + [True] * 2
+    cached(ids)["global"].sum().backward()
+    assert cached.backbone.encoder.layer[5].output.dense.weight.grad.abs().sum() > 0
+    assert cached.backbone.encoder.layer[3].output.dense.weight.grad is None
+
+    cached.load_state_dict(plain.state_dict())
+    assert cached._cache == {}  # new weights: nothing stale is reused
+    with pytest.raises(TBPSError, match="text_frozen_layers"):
+        B.build_text_encoder(cfg(text_backbone="hf", text_pretrained="minilm", text_frozen_cache=True),
                              bert_tokenizer())

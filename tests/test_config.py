@@ -31,6 +31,17 @@ def test_loss_section_is_replaced_not_merged(tmp_path):
     assert load_config(tmp_path / "r.yaml").loss == {"sdm": 1.0, "id": 0.5}
 
 
+def test_replace_marker_drops_the_inherited_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("method: {cross_width: 128, mlm_prob: 0.15}\noptim: {lr: 0.1}\n")
+    (tmp_path / "merged.yaml").write_text("_base_: base.yaml\nmethod: {num_parts: 4}\n")
+    (tmp_path / "replaced.yaml").write_text("_base_: base.yaml\nmethod: {_replace_: true, num_parts: 4}\n"
+                                            "optim: {_replace_: false, eps: 0.5}\n")
+    assert load_config(tmp_path / "merged.yaml").method == {"cross_width": 128, "mlm_prob": 0.15, "num_parts": 4}
+    cfg = load_config(tmp_path / "replaced.yaml", ["method.fine=false"])
+    assert cfg.method == {"num_parts": 4, "fine": False}
+    assert cfg.optim.lr == 0.1 and cfg.optim.eps == 0.5  # _replace_: false merges as before
+
+
 @pytest.mark.parametrize("override, words", [
     ("optim.lrr=1", "optim.lrr"),
     ("data.batch_size=abc", "data.batch_size"),

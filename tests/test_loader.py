@@ -244,3 +244,62 @@ def test_build_train_loader_ddp_and_errors(records, tokenizer):
         build_train_loader(_cfg(batch_size=6), _Dataset(records), tokenizer, world_size=4)
     with pytest.raises(TBPSError, match="data.sampler"):
         build_train_loader(_cfg(sampler="balanced"), _Dataset(records), tokenizer)
+
+
+# ----------------------------------------------------------------------------- same-identity positives
+
+def test_positives_are_other_images_of_the_same_identity(records, tokenizer):
+    transform = build_image_transform([16, 8], train=True)
+    plain = TrainPairs(records, tokenizer, transform)
+    pairs = TrainPairs(records, tokenizer, transform, positives=3)
+    for index in (0, 5, 31):
+        sample = pairs[(index, 11)]
+        assert sample["pos_images"].shape == (3, 3, 16, 8) and sample["pos_token_ids"].shape == (3, 12)
+        assert torch.equal(sample["image"], plain[(index, 11)]["image"])  # the anchor is unchanged
+        assert torch.equal(sample["token_ids"], plain[index]["token_ids"])
+        chosen = pairs.positive_pairs(index, __import__("numpy").random.default_rng(0))
+        assert all(int(pairs.pids[j]) == sample["pid"] for j in chosen)
+        # the identity's other image has 2 pairs, fewer than 3: drawn with replacement, never this image
+        assert set(sample["pos_image_ids"].tolist()) == {sample["image_id"] ^ 1}
+        for k in range(3):
+            j = [j for j in range(len(pairs)) if torch.equal(pairs.token_ids[j], sample["pos_token_ids"][k])]
+            assert j and int(pairs.image_ids[j[0]]) == int(sample["pos_image_ids"][k])
+    # a function of the augmentation seed alone
+    a, b, c = pairs[(4, 3)], pairs[(4, 3)], pairs[(4, 99)]
+    assert torch.equal(a["pos_images"], b["pos_images"]) and torch.equal(a["pos_token_ids"], b["pos_token_ids"])
+    assert not torch.equal(a["pos_images"], c["pos_images"])
+    assert "pos_images" not in plain[(4, 3)]
+    with pytest.raises(TBPSError, match="data.positives"):
+        TrainPairs(records, tokenizer, transform, positives=-1)
+
+
+def test_positives_fall_back_to_other_captions_then_to_itself(records, tokenizer):
+    transform = build_image_transform([16, 8], train=False)
+    lonely = [Record(0, records[0].image_path, ["a", "b"], 0), Record(1, records[1].image_path, ["c"], 1)]
+    pairs = TrainPairs(lonely, tokenizer, transform, positives=2)
+    assert pairs[0]["pos_token_ids"].tolist() == [pairs.token_ids[1].tolist()] * 2  # its other caption
+    assert pairs[2]["pos_token_ids"].tolist() == [pairs.token_ids[2].tolist()] * 2  # only itself
+
+
+def test_loader_with_positives_batches_and_exact_resume(records, tokenizer):
+    cfg = _cfg(positives=2)
+    loader, sampler = build_train_loader(cfg, _Dataset(records), tokenizer)
+    sampler.set_epoch(1)
+    whole = list(loader)
+    for batch in whole:
+        assert batch["pos_images"].shape == (8, 2, 3, 16, 8) and batch["pos_token_ids"].shape == (8, 2, 12)
+        pos_pids = batch["pos_image_ids"] // 2  # image_id // 2 is the pid in this fixture
+        assert torch.equal(pos_pids, batch["pids"].view(-1, 1).expand(-1, 2))
+    sampler.set_epoch(1)
+    first = next(iter(loader))
+    state = sampler.state_dict()
+    loader2, sampler2 = build_train_loader(cfg, _Dataset(records), tokenizer)
+    sampler2.load_state_dict(state)
+    sampler2.set_epoch(1)
+    rest = list(loader2)
+    for got, want in zip([first] + rest, whole):
+        for key in ("images", "pos_images", "pos_token_ids", "pos_image_ids"):
+            assert torch.equal(got[key], want[key]), key
+    # default 0: the batch keys are exactly the ones without positives
+    plain = next(iter(build_train_loader(_cfg(), _Dataset(records), tokenizer)[0]))
+    assert set(plain) == {"images", "token_ids", "pids", "image_ids"}

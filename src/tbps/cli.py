@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable
 
 from tbps import __version__
 from tbps.errors import TBPSError
@@ -97,6 +96,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         i2t=args.i2t,
         progress=not args.json,
+        overrides=args.overrides,
     )
     if args.json:
         print(json.dumps({k: metrics[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}))
@@ -105,11 +105,67 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise TBPSError(f"'tbps {name}' is not available in this release yet (gallery search is issue 11)")
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tbps.serve import serve
 
-    return run
+    serve(args.index, host=args.host, port=args.port, checkpoint=args.checkpoint, device=args.device,
+          max_query_chars=args.max_query_chars, max_k=args.max_k, max_batch=args.max_batch,
+          log_level=args.log_level)
+    return 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from tbps.visualize import visualize
+
+    ranked = visualize(args.out, checkpoint=args.checkpoint, index=args.index, dataset=args.dataset,
+                       root=args.root, split=args.split, queries=args.queries, num_queries=args.num_queries,
+                       top_k=args.top_k, seed=args.seed, rerank=args.rerank == "on", device=args.device)
+    known = [q.first_match_rank for q in ranked if q.first_match_rank is not None]
+    note = f"; first true match at rank {', '.join(map(str, known))}" if known else ""
+    print(f"wrote {args.out}: {len(ranked)} queries x top {args.top_k}{note}")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from tbps.search.index import build_index
+
+    summary = build_index(args.checkpoint, args.images, args.out, batch_size=args.batch_size, device=args.device,
+                          num_workers=args.workers, progress=not args.quiet, backend=args.backend)
+    note = f", skipped {summary['skipped']} unreadable" if summary["skipped"] else ""
+    print(f"indexed {summary['added']} new images ({summary['already_indexed']} already there{note}); "
+          f"{args.out} holds {summary['total']} images, first stage: {summary['backend']}")
+    return 0
+
+
+def _read_queries(args: argparse.Namespace) -> list[str]:
+    from pathlib import Path
+
+    queries = list(args.query)
+    if args.queries:
+        path = Path(args.queries)
+        if not path.is_file():
+            raise TBPSError(f"{path}: query file not found")
+        queries += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not queries:
+        raise TBPSError("no query: give a description in quotes or --queries FILE")
+    return queries
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from tbps.search.searcher import Searcher
+
+    queries = _read_queries(args)
+    searcher = Searcher(args.index, checkpoint=args.checkpoint, device=args.device, backend=args.backend)
+    results = searcher.search(queries, top_k=args.top_k, rerank=args.rerank == "on", shortlist=args.shortlist)
+    if args.json:
+        rows = [[{k: r[k] for k in ("rank", "path", "score")} for r in ranked] for ranked in results]
+        print(json.dumps(rows[0] if len(rows) == 1 else rows))
+        return 0
+    for query, ranked in zip(queries, results):
+        print(f'query: "{query}"')
+        for r in ranked:
+            print(f"  {r['rank']:>3}. {r['score']:+.4f}  {r['path']}")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -197,28 +253,97 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--i2t", action="store_true", help="also report image-to-text retrieval")
     p.add_argument("--json", action="store_true", help='print {"R1", "R5", "R10", "mAP", "mINP"} only')
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="inference-time config changes applied to the checkpoint's saved config, "
+                        "e.g. method.fuse_weight=1.0 (the method's docs list its options)")
     p.set_defaults(func=_cmd_eval)
 
     # index / search / serve
-    p = sub.add_parser("index", formatter_class=fmt, help="embed a gallery of images into a persistent index",
-                       description="Embed every image of a folder or list into a persistent gallery index.")
-    p.add_argument("--checkpoint", required=True, help="a tbps checkpoint")
-    p.add_argument("--images", required=True, help="a folder of images or a text file listing image paths")
-    p.add_argument("--out", required=True, help="index folder (created; appended to if it exists)")
-    p.set_defaults(func=_not_yet("index"))
-    p = sub.add_parser("search", formatter_class=fmt, help="search an index by a text description",
-                       description="Rank the images of an index for a text description.")
+    search_fmt = type("SearchHelpFormatter", (argparse.RawDescriptionHelpFormatter, fmt), {})
+    p = sub.add_parser("index", formatter_class=search_fmt, help="embed a gallery of images into a persistent index",
+                       description="Embed every image of a folder or list into a persistent gallery index:\n"
+                       "memory-mapped embeddings, image paths, the model's fingerprint and config.\n"
+                       "Resumable: a killed run continues after its last complete shard. Run again with\n"
+                       "more images to append (images already indexed are not embedded again).\n"
+                       "Unreadable files are skipped with a warning and counted.",
+                       epilog="example:\n  tbps index --checkpoint runs/demo/train/best.pt "
+                       "--images runs/demo/data/imgs --out runs/demo/index")
+    p.add_argument("--checkpoint", required=True, help="a tbps checkpoint (best.pt or last.pt)")
+    p.add_argument("--images", required=True,
+                   help="a folder of images (searched recursively) or a text file listing image paths, one per "
+                        "line (relative paths are relative to the list's folder)")
+    p.add_argument("--out", required=True,
+                   help="index folder (created; appended to if it holds an index of the same model)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: up to 4)")
+    p.add_argument("--backend", default="auto", choices=["auto", "exact", "faiss-hnsw", "faiss-ivf"],
+                   help="first-stage search saved with the index: exact matrix product, or a FAISS HNSW or "
+                        "IVF index; auto = exact below 100,000 images, HNSW above")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_index)
+    p = sub.add_parser("search", formatter_class=search_fmt, help="search an index by a text description",
+                       description="Rank the images of an index for text descriptions. The global embedding\n"
+                       "shortlists candidates; a method with a fine-grained similarity re-ranks them.",
+                       epilog="examples:\n  tbps search --index runs/demo/index \"a woman in a red coat\"\n"
+                       "  tbps search --index runs/demo/index --queries queries.txt --json")
     p.add_argument("--index", required=True, help="index folder written by tbps index")
-    p.add_argument("--top-k", type=int, default=10, help="how many results")
-    p.add_argument("--json", action="store_true", help='print a list of {"rank", "path", "score"}')
-    p.add_argument("query", help="the description, e.g. 'a man in a grey hoodie with a red backpack'")
-    p.set_defaults(func=_not_yet("search"))
+    p.add_argument("--top-k", type=int, default=10, help="how many results per query")
+    p.add_argument("--json", action="store_true",
+                   help='print a list of {"rank", "path", "score"} (a list of such lists for several queries)')
+    p.add_argument("--rerank", default="on", choices=["on", "off"],
+                   help="re-rank the shortlist with the method's fine-grained similarity (where it has one)")
+    p.add_argument("--shortlist", type=int, default=100, help="first-stage candidates that are re-ranked")
+    p.add_argument("--queries", default=None, help="a text file of queries, one per line (batch search)")
+    p.add_argument("--checkpoint", default=None, help="the model (default: the checkpoint the index records)")
+    p.add_argument("--backend", default=None, choices=["auto", "exact", "faiss-hnsw", "faiss-ivf"],
+                   help="first-stage search (default: the one saved with the index)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("query", nargs="*", help="descriptions, e.g. 'a man in a grey hoodie with a red backpack'")
+    p.set_defaults(func=_cmd_search)
     p = sub.add_parser("serve", formatter_class=fmt, help="HTTP API and web page to search an index",
                        description="Serve the search page and the HTTP API for an index.")
     p.add_argument("--index", required=True, help="index folder written by tbps index")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.set_defaults(func=_not_yet("serve"))
+    p.add_argument("--checkpoint", default=None, help="the model (default: the checkpoint the index records)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-query-chars", type=int, default=500, help="longest accepted query, in characters")
+    p.add_argument("--max-k", type=int, default=100, help="largest accepted k (results per search)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="concurrent queries searched together in one batch (1: one at a time)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log level (info logs every request)")
+    p.set_defaults(func=_cmd_serve)
+
+    # visualize
+    raw_fmt = type("RawDefaultsFormatter", (argparse.RawDescriptionHelpFormatter, fmt), {})
+    p = sub.add_parser("visualize", formatter_class=raw_fmt, help="PNG grid of ranked images for text queries",
+                       description="Draw, for text queries, the query and its top-k images with rank and score;\n"
+                       "true matches framed green and others red where identities are known. Queries come\n"
+                       "from a dataset split (captions drawn with --seed, or typed) ranked against its\n"
+                       "gallery as tbps eval does, or are typed and searched in an index.",
+                       epilog="examples:\n"
+                       "  tbps visualize --checkpoint runs/demo/train/best.pt --out ranks.png\n"
+                       "  tbps visualize --checkpoint best.pt --dataset cuhk-pedes --root /data/CUHK-PEDES \\\n"
+                       "      --num-queries 6 --out ranks.png\n"
+                       "  tbps visualize --index runs/demo/index --out ranks.png \\\n"
+                       "      'a woman in a red coat' 'a man with a black backpack'")
+    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("--checkpoint", default=None,
+                   help="a tbps checkpoint (dataset mode; with --index: instead of the one it records)")
+    p.add_argument("--dataset", default=None, help=DATASET_HELP + " (default: the checkpoint's)")
+    p.add_argument("--root", default=None, help=ROOT_HELP + " (default: the checkpoint's)")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"], help="the split whose gallery is ranked")
+    p.add_argument("--index", default=None, help="search this index (tbps index) instead of a dataset split")
+    p.add_argument("--num-queries", type=int, default=4, help="captions drawn from the split when none are typed")
+    p.add_argument("--top-k", type=int, default=5, help="images per query (at most 20)")
+    p.add_argument("--seed", type=int, default=0, help="which captions are drawn")
+    p.add_argument("--rerank", default="on", choices=["on", "off"],
+                   help="index mode: re-rank the shortlist with the method's fine-grained similarity")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("queries", nargs="*", metavar="QUERY", help="query texts (optional with a dataset)")
+    p.set_defaults(func=_cmd_visualize)
 
     # demo
     p = sub.add_parser("demo", formatter_class=fmt, help="the whole pipeline on synthetic data, on the CPU",

@@ -33,6 +33,7 @@ class DataConfig:
     batch_size: int = 64
     sampler: str = "identity"  # "identity" (P ids x K instances) or "random"
     num_instances: int = 4  # K of the identity sampler
+    positives: int = 0  # other same-identity (image, caption) pairs attached to each training sample (FCSA)
     num_workers: int = 4
     augment: bool = True  # IRRA's train augmentation (flip, pad+crop, random erasing)
     check: str = "exists"  # image check before training: "exists", "decode" or "off"
@@ -46,8 +47,10 @@ class ModelConfig:
     pretrained: str = ""  # local CLIP weights: OpenAI .pt, open_clip checkpoint or Hugging Face folder
     text_pretrained: str = ""  # with text_backbone=hf: "minilm" (shipped) or a Hugging Face folder
     text_frozen_layers: int = 0  # with text_backbone=hf: embeddings + this many lowest layers stay fixed
+    text_frozen_cache: bool = False  # with frozen layers: compute them once per caption and reuse (no dropout there)
     text_pooling: str = "default"  # "default" (CLIP: EOT token, BERT: CLS), "eot", "cls" or "mean"
     embed_dim: int = 512  # joint space width where the backbone does not fix it
+    resnet_last_stride: int = 2  # CLIP ModifiedResNet: 1 drops the last stage's down-sampling (TextReID)
     temperature: float = 0.02  # similarity scale 1/temperature in SDM / ITC / CMPM
 
 
@@ -123,11 +126,24 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+REPLACE_KEY = "_replace_"  # ``section: {_replace_: true, ...}`` replaces the inherited section instead of merging
+
+
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``, mappings merged key by key (``loss`` and ``_replace_: true`` ones replaced).
+
+    ``_replace_`` lets a recipe of another method inherit a base recipe's data/optim/train settings
+    without its ``method`` options (e.g. PCC on top of ``irra_synth.yaml``).
+    """
     out = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "loss":
+        replace = isinstance(value, dict) and bool(value.get(REPLACE_KEY, False))
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k != REPLACE_KEY}
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "loss" and not replace:
             out[key] = _deep_merge(out[key], value)
+        elif isinstance(value, dict):
+            out[key] = _deep_merge({}, value)
         else:
             out[key] = copy.deepcopy(value)
     return out

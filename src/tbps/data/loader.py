@@ -33,9 +33,16 @@ class TrainPairs(Dataset):
     far faster than per-item tokenisation, and workers then need no tokenizer at all.
     An index may be an ``int`` or ``(int, augmentation_seed)``; with a seed the image augmentation
     is drawn from that seed alone, so it does not depend on worker count or on resuming.
+
+    ``positives`` = K > 0 attaches K other pairs of the same identity to every sample (FCSA's
+    hard-positive swap picks among them): ``pos_images`` (K, 3, H, W), ``pos_token_ids`` (K, L),
+    ``pos_image_ids`` (K,). They come from other images of the person where it has any (else other
+    captions of the same image, else the sample itself), drawn without replacement when there are K
+    or more; which pairs, and their augmentations, are a function of the sample's augmentation seed,
+    so resume stays exact.
     """
 
-    def __init__(self, records: Sequence[Any], tokenizer, transform) -> None:
+    def __init__(self, records: Sequence[Any], tokenizer, transform, positives: int = 0) -> None:
         captions: list[str] = []
         pair_record: list[int] = []
         for rec_index, record in enumerate(records):
@@ -52,6 +59,16 @@ class TrainPairs(Dataset):
         self.pids = record_pids[self.pair_record]  # per pair, what the identity sampler groups by
         self.image_ids = record_image_ids[self.pair_record]
         self.token_ids = tokenizer(captions)
+        if positives < 0:
+            raise TBPSError(f"data.positives must be 0 or more, got {positives}")
+        self.positives = int(positives)
+        self._identity_pairs: dict[int, np.ndarray] = {}
+        if self.positives:
+            pids = self.pids.numpy()
+            order = np.argsort(pids, kind="stable")
+            unique, starts = np.unique(pids[order], return_index=True)
+            for pid, group in zip(unique.tolist(), np.split(order, starts[1:])):
+                self._identity_pairs[pid] = group
 
     def __len__(self) -> int:
         return int(self.pair_record.numel())
@@ -61,30 +78,65 @@ class TrainPairs(Dataset):
             index, aug_seed = int(item[0]), int(item[1])
         else:
             index, aug_seed = int(item), None
-        image = load_image(self.image_paths[int(self.pair_record[index])])
-        if aug_seed is None:
-            image = self.transform(image)
-        else:
-            # CPU generator only, restored afterwards: the caller's RNG stream (and CUDA's) is untouched
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(aug_seed)
-                image = self.transform(image)
-        return {
-            "image": image,
+        sample = {
+            "image": self._image(index, aug_seed),
             "token_ids": self.token_ids[index],
             "pid": int(self.pids[index]),
             "image_id": int(self.image_ids[index]),
         }
+        if self.positives:
+            # a stream of its own, so the anchor's augmentation is the same with or without positives
+            seed = int(torch.randint(2**62, (1,))) if aug_seed is None else [aug_seed, 1]
+            rng = np.random.default_rng(seed)
+            chosen = self.positive_pairs(index, rng)
+            pos_seeds = rng.integers(2**62, size=len(chosen)).tolist()
+            sample["pos_images"] = torch.stack([
+                self._image(int(j), None if aug_seed is None else int(s)) for j, s in zip(chosen, pos_seeds)])
+            sample["pos_token_ids"] = self.token_ids[torch.as_tensor(chosen, dtype=torch.long)]
+            sample["pos_image_ids"] = self.image_ids[torch.as_tensor(chosen, dtype=torch.long)]
+        return sample
+
+    def _image(self, index: int, aug_seed: int | None) -> torch.Tensor:
+        image = load_image(self.image_paths[int(self.pair_record[index])])
+        if aug_seed is None:
+            return self.transform(image)
+        # CPU generator only, restored afterwards: the caller's RNG stream (and CUDA's) is untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(aug_seed)
+            return self.transform(image)
+
+    def positive_pairs(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        """``self.positives`` pair indices of the same identity as ``index``, other images first."""
+        group = self._identity_pairs[int(self.pids[index])]
+        records = self.pair_record.numpy()
+        pool = group[records[group] != records[index]]  # other images of the person
+        if len(pool) == 0:
+            pool = group[group != index]  # a one-image identity: its other captions
+        if len(pool) == 0:
+            pool = np.array([index])
+        k = self.positives
+        return rng.choice(pool, size=k, replace=len(pool) < k)
 
 
 def collate_train(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack samples into the batch dict that ``TBPSModel.forward`` takes."""
-    return {
+    """Stack samples into the batch dict that ``TBPSModel.forward`` takes.
+
+    Samples with positives add ``pos_images`` (B, K, 3, H, W), ``pos_token_ids`` (B, K, L) and
+    ``pos_image_ids`` (B, K).
+    """
+    batch = {
         "images": torch.stack([s["image"] for s in samples]),
         "token_ids": torch.stack([torch.as_tensor(s["token_ids"], dtype=torch.long) for s in samples]),
         "pids": torch.tensor([int(s["pid"]) for s in samples], dtype=torch.long),
         "image_ids": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.long),
     }
+    if samples and "pos_images" in samples[0]:
+        batch["pos_images"] = torch.stack([s["pos_images"] for s in samples])
+        batch["pos_token_ids"] = torch.stack([torch.as_tensor(s["pos_token_ids"], dtype=torch.long)
+                                              for s in samples])
+        batch["pos_image_ids"] = torch.stack([torch.as_tensor(s["pos_image_ids"], dtype=torch.long)
+                                              for s in samples])
+    return batch
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -386,7 +438,7 @@ def build_train_loader(cfg, dataset, tokenizer, rank: int = 0, world_size: int =
     per_rank = data.batch_size // world_size
     records = dataset.train if hasattr(dataset, "train") else list(dataset)
     transform = build_image_transform(data.image_size, train=True, augment=data.augment)
-    pairs = TrainPairs(records, tokenizer, transform)
+    pairs = TrainPairs(records, tokenizer, transform, positives=int(getattr(data, "positives", 0)))
     seed = int(cfg.train.seed)
     if data.sampler == "identity":
         sampler: EpochBatchSampler = IdentitySampler(

@@ -127,14 +127,20 @@ def load_model_weights(model: nn.Module, state: dict[str, torch.Tensor], source:
     return skipped
 
 
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, cfg, tokenizer) ready for inference; pretrained backbone files are not needed."""
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                               overrides: list[str] | None = None):
+    """(model, cfg, tokenizer) ready for inference; pretrained backbone files are not needed.
+
+    ``overrides`` (``key=value``) change the saved config before the model is built: inference-time
+    options such as a method's fusion weight, so one checkpoint can be scored several ways.
+    """
+    from tbps.config import apply_overrides
     from tbps.data.tokenizers import build_tokenizer
     from tbps.engine.distributed import resolve_device
     from tbps.models import build_model
 
     ckpt = read_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"])
+    cfg = config_from_dict(apply_overrides(ckpt["config"], list(overrides or [])))
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.text_length)
     model = build_model(cfg, int(ckpt["num_classes"]), tokenizer, load_pretrained=False)
     load_model_weights(model, ckpt["model"], source=str(path))

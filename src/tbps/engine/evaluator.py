@@ -236,9 +236,11 @@ def append_metrics_jsonl(path: str | os.PathLike, row: dict[str, Any]) -> None:
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, root: str | os.PathLike | None = None,
                         split: str = "test", device: str | torch.device = "auto", batch_size: int = 128,
-                        i2t: bool = False, progress: bool = True) -> dict[str, float]:
+                        i2t: bool = False, progress: bool = True,
+                        overrides: list[str] | None = None) -> dict[str, float]:
     """Evaluate a saved model on a split (by default the dataset it was trained on); the row is
-    also appended to ``metrics.jsonl`` beside the checkpoint so results stay with the weights."""
+    also appended to ``metrics.jsonl`` beside the checkpoint so results stay with the weights.
+    ``overrides`` (``key=value``) apply to the saved config first (inference-time options)."""
     from tbps.data.datasets import load_dataset
     from tbps.data.transforms import build_image_transform
     from tbps.engine.checkpoint import load_model_from_checkpoint
@@ -246,7 +248,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     if batch_size < 1:
         raise TBPSError(f"batch size must be at least 1, got {batch_size}")
     dev = _as_device(device)
-    model, cfg, tokenizer = load_model_from_checkpoint(checkpoint, dev)
+    model, cfg, tokenizer = load_model_from_checkpoint(checkpoint, dev, overrides)
     name = dataset or cfg.data.dataset
     if root is None:
         if name != cfg.data.dataset:
@@ -261,6 +263,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     metrics = Evaluator(model, records, tokenizer, transform, eval_cfg, dev, progress=progress,
                         num_workers=workers).evaluate()
     row = {"event": "eval", "split": split, "dataset": name, "root": str(root), "checkpoint": str(checkpoint),
-           **metrics, "time": datetime.datetime.now().isoformat(timespec="seconds")}
+           "overrides": list(overrides or []), **metrics, "time": datetime.datetime.now().isoformat(timespec="seconds")}
     append_metrics_jsonl(Path(checkpoint).parent / "metrics.jsonl", row)
     return metrics

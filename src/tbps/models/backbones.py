@@ -839,8 +839,93 @@ class HFTextEncoder(nn.Module):
         mask[:, 0] = True
         return mask
 
+    # ------------------------------------------------------------------ frozen-layer cache
+    frozen_layers: int = 0
+    cache_limit_bytes: int = 0  # > 0: cache the frozen layers' output per caption (enable_frozen_cache)
+
+    def enable_frozen_cache(self, num_layers: int, limit_bytes: int = 2 << 30) -> None:
+        """Compute the fixed embeddings + lowest ``num_layers`` layers once per caption, then reuse them.
+
+        Why: with the lower layers frozen, their output for a caption never changes, yet on a CPU
+        they are most of a training step. The frozen part runs without dropout (it stays in eval
+        mode), so a cached and a recomputed caption give the same features. Captions are keyed by
+        their token ids; a corrupted caption (masking, augmentation) is a different key. The cache
+        stops growing at ``limit_bytes`` and is cleared whenever weights are loaded.
+        """
+        if num_layers <= 0:
+            raise TBPSError("model.text_frozen_cache needs model.text_frozen_layers > 0")
+        self.frozen_layers = int(num_layers)
+        self.cache_limit_bytes = int(limit_bytes)
+        self._cache: dict[bytes, Tensor] = {}
+        self._cache_bytes = 0
+        self.register_load_state_dict_pre_hook(lambda *args, **kwargs: self.clear_frozen_cache())
+        self.train(self.training)
+
+    def clear_frozen_cache(self) -> None:
+        self._cache, self._cache_bytes = {}, 0
+
+    def train(self, mode: bool = True) -> "HFTextEncoder":
+        super().train(mode)
+        if self.cache_limit_bytes > 0:  # the cached part never drops out
+            self.backbone.embeddings.eval()
+            for layer in self.backbone.encoder.layer[:self.frozen_layers]:
+                layer.eval()
+        return self
+
+    def _bidirectional_mask(self, hidden: Tensor, mask: Tensor):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(config=self.backbone.config, inputs_embeds=hidden,
+                                         attention_mask=mask.long())
+
+    def _frozen_hidden(self, token_ids: Tensor, mask: Tensor) -> Tensor:
+        """(B, L, H) output of the frozen layers, from the cache where possible."""
+        lengths = mask.sum(dim=1).tolist()
+        keys = [token_ids[i, :n].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
+        missing = sorted({i for i, key in enumerate(keys) if key not in self._cache})
+        computed: dict[int, Tensor] = {}
+        if missing:
+            rows = torch.tensor(missing, device=token_ids.device)
+            ids, sub_mask = token_ids[rows], mask[rows]
+            with torch.no_grad():
+                hidden = self.backbone.embeddings(input_ids=ids)
+                attn = self._bidirectional_mask(hidden, sub_mask)
+                for layer in self.backbone.encoder.layer[:self.frozen_layers]:
+                    hidden = layer(hidden, attn)
+            for j, i in enumerate(missing):
+                row = hidden[j, :lengths[i]].float().cpu()
+                computed[i] = row
+                size = row.numel() * 4
+                if self._cache_bytes + size <= self.cache_limit_bytes and keys[i] not in self._cache:
+                    self._cache[keys[i]] = row
+                    self._cache_bytes += size
+        width = self.hidden_size
+        out = torch.zeros(token_ids.shape[0], token_ids.shape[1], width)
+        for i, key in enumerate(keys):
+            out[i, :lengths[i]] = computed[i] if i in computed else self._cache[key]
+        return out.to(token_ids.device)
+
+    def _forward_cached(self, token_ids: Tensor, mask: Tensor) -> Tensor:
+        """Last hidden state via the cached frozen layers; padding columns no caption uses are cut."""
+        full_length = token_ids.shape[1]
+        keep = max(int(mask.sum(dim=1).max()), 1)
+        token_ids, mask = token_ids[:, :keep], mask[:, :keep]
+        hidden = self._frozen_hidden(token_ids, mask)
+        dtype = next(self.backbone.encoder.layer[self.frozen_layers:].parameters(), hidden).dtype
+        hidden = hidden.to(dtype)
+        attn = self._bidirectional_mask(hidden, mask)
+        for layer in self.backbone.encoder.layer[self.frozen_layers:]:
+            hidden = layer(hidden, attn)
+        if keep < full_length:
+            hidden = F.pad(hidden, (0, 0, 0, full_length - keep))
+        return hidden
+
     def forward(self, token_ids: Tensor, return_attention: bool = False) -> dict[str, Tensor]:
         mask = self.valid_mask(token_ids)
+        if self.cache_limit_bytes > 0 and not return_attention:
+            tokens = self.proj(self._forward_cached(token_ids, mask))
+            return {"tokens": tokens, "global": _pool_tokens(tokens, mask, self.pooling, token_ids, self.eot_id),
+                    "mask": mask}
         previous = getattr(self.backbone.config, "_attn_implementation", None)
         switch = return_attention and previous not in (None, "eager")
         if switch:  # only eager attention returns the maps
@@ -949,7 +1034,10 @@ def build_text_encoder(model_cfg: Any, tokenizer: Any, load_pretrained: bool = T
     kind = getattr(model_cfg, "text_backbone", "clip")
     if kind == "hf":
         encoder = _build_hf_text(model_cfg, tokenizer, load_pretrained)
-        freeze_lower_text_layers(encoder, int(getattr(model_cfg, "text_frozen_layers", 0)))
+        frozen = int(getattr(model_cfg, "text_frozen_layers", 0))
+        freeze_lower_text_layers(encoder, frozen)
+        if getattr(model_cfg, "text_frozen_cache", False):
+            encoder.enable_frozen_cache(frozen)
         return encoder
     if kind != "clip":
         raise TBPSError(f"model.text_backbone: expected 'clip' or 'hf', got {kind!r}")

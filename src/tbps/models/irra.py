@@ -74,12 +74,20 @@ def _backbones(cfg: Config, tokenizer, load_pretrained: bool) -> tuple[nn.Module
 
 @METHODS.register("irra")
 class IRRA(TBPSModel):
-    """CLIP image and text encoders + shared ID classifier + the IRR branch (see module docstring)."""
+    """CLIP image and text encoders + shared ID classifier + the IRR branch (see module docstring).
+
+    Methods built on IRRA (CFFA) subclass it and name their own options dataclass (a subclass of
+    :class:`IRRAOptions`), their known losses and their registry name in the class attributes below.
+    """
+
+    options_class: type = IRRAOptions
+    known_losses: tuple[str, ...] = IRRA_LOSSES
+    method_name: str = "irra"
 
     def __init__(self, cfg: Config, num_classes: int, tokenizer, load_pretrained: bool = True) -> None:
         super().__init__()
-        self.options: IRRAOptions = build_dataclass(IRRAOptions, cfg.method, "method")
-        self.loss_weights = parse_loss_weights(cfg.loss, IRRA_LOSSES, "irra")
+        self.options = build_dataclass(self.options_class, cfg.method, "method")
+        self.loss_weights = parse_loss_weights(cfg.loss, self.known_losses, self.method_name)
         if cfg.model.temperature <= 0:
             raise TBPSError(f"model.temperature must be > 0, got {cfg.model.temperature}")
         self.logit_scale = 1.0 / cfg.model.temperature  # fixed, not learnt (IRRA)
@@ -155,21 +163,33 @@ class IRRA(TBPSModel):
             out["loss_cmpm"] = weights["cmpm"] * cmpm_loss(image_feats, text_feats, pids,
                                                           label_norm=self.options.cmpm_label_norm)
         if self.classifier is not None:
-            image_logits = self.classifier(image_feats.float())
-            text_logits = self.classifier(text_feats.float())
-            out["loss_id"] = weights["id"] * id_loss(image_logits, text_logits, pids)
-            with torch.no_grad():
-                out["acc_id_img"] = (image_logits.argmax(dim=1) == pids).float().mean()
-                out["acc_id_txt"] = (text_logits.argmax(dim=1) == pids).float().mean()
+            out.update(self.id_terms(image_feats, text_feats, pids))
 
         if use_irr:
             masked_out = text_out if reuse else self.text_encoder(corrupted)
-            fused = self.cross_modal(masked_out["tokens"], image_out["tokens"], query_mask=valid)
-            picked = labels != IGNORE_INDEX
-            logits = self.mlm_head(fused[picked])  # the vocabulary projection at picked positions only
-            targets = labels[picked]
-            out["loss_irr"] = weights["irr"] * mlm_loss(logits, targets)
-            with torch.no_grad():
-                correct = (logits.argmax(dim=-1) == targets).float().sum()
-                out["acc_mlm"] = correct / max(targets.numel(), 1)
+            out.update(self.irr_terms(masked_out["tokens"], image_out["tokens"], labels, valid))
+        return out
+
+    def id_terms(self, image_feats: Tensor, text_feats: Tensor, pids: Tensor) -> dict[str, Tensor]:
+        """Weighted ID loss of the shared classifier plus its accuracies (logged)."""
+        image_logits = self.classifier(image_feats.float())
+        text_logits = self.classifier(text_feats.float())
+        out = {"loss_id": self.loss_weights["id"] * id_loss(image_logits, text_logits, pids)}
+        with torch.no_grad():
+            out["acc_id_img"] = (image_logits.argmax(dim=1) == pids).float().mean()
+            out["acc_id_txt"] = (text_logits.argmax(dim=1) == pids).float().mean()
+        return out
+
+    def irr_terms(self, masked_text_tokens: Tensor, image_tokens: Tensor, labels: Tensor,
+                  valid: Tensor) -> dict[str, Tensor]:
+        """Weighted IRR loss: corrupted caption tokens attend to the image tokens, the head predicts
+        the picked positions (the vocabulary projection runs at those positions only)."""
+        fused = self.cross_modal(masked_text_tokens, image_tokens, query_mask=valid)
+        picked = labels != IGNORE_INDEX
+        logits = self.mlm_head(fused[picked])
+        targets = labels[picked]
+        out = {"loss_irr": self.loss_weights["irr"] * mlm_loss(logits, targets)}
+        with torch.no_grad():
+            correct = (logits.argmax(dim=-1) == targets).float().sum()
+            out["acc_mlm"] = correct / max(targets.numel(), 1)
         return out

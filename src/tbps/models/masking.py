@@ -8,6 +8,9 @@ special ids are never picked.
 Two deliberate differences from the reference code: the input is never modified (IRRA's in-place
 edit also masked the captions that the global losses then used), and the whole batch is corrupted
 with tensor operations instead of a Python loop per token in the data loader.
+
+``augment_tokens`` is the other caption transform on token ids: CFFA's training augmentation, which
+masks, replaces or deletes words (no labels; deletions close up and pad the end).
 """
 
 from __future__ import annotations
@@ -80,3 +83,56 @@ def mask_tokens(token_ids: Tensor, *, mask_id: int, vocab_size: int, special_ids
     choice = torch.randint(len(pool), token_ids.shape, generator=generator, device=device)
     corrupted = torch.where(to_random, pool[choice].to(token_ids.dtype), corrupted)
     return corrupted, labels
+
+
+def augment_tokens(token_ids: Tensor, *, mask_id: int, vocab_size: int, pad_id: int, special_ids: Iterable[int],
+                   valid_mask: Tensor | None = None, prob: float = 0.2, mask_frac: float = 0.6,
+                   random_frac: float = 0.2, generator: torch.Generator | None = None) -> Tensor:
+    """Token-level caption augmentation (CFFA's text augmentation): mask, replace or delete words.
+
+    Each eligible token (a real word: not special, not padding) is perturbed with probability
+    ``prob``; a perturbed token becomes ``mask_id`` (``mask_frac``), a random ordinary id
+    (``random_frac``) or is deleted (the rest). Deleted tokens close up: the tokens after them
+    (end token included) shift left and ``pad_id`` fills the freed positions at the end, so the
+    result keeps the ``[start] words [end] pad...`` layout. Defaults follow CFFA's code (20% of
+    tokens; 60% masked, 20% random, 20% deleted). Unlike ``mask_tokens`` there are no labels and
+    no forced pick: this is data augmentation, and a caption may come back unchanged.
+
+    Args:
+        token_ids: ``(B, L)`` ids; not modified.
+        mask_id, vocab_size, special_ids, valid_mask, generator: as in :func:`mask_tokens`.
+        pad_id: the id written at the positions freed by deletions.
+
+    Returns:
+        the augmented ``(B, L)`` ids.
+    """
+    if token_ids.dim() != 2:
+        raise ValueError(f"token_ids must be (batch, length), got shape {tuple(token_ids.shape)}")
+    if not 0.0 <= prob <= 1.0 or mask_frac < 0 or random_frac < 0 or mask_frac + random_frac > 1.0 + 1e-9:
+        raise ValueError(f"invalid augmentation ratios prob={prob}, mask_frac={mask_frac}, "
+                         f"random_frac={random_frac}")
+    device = token_ids.device
+    special = torch.tensor(sorted({int(i) for i in special_ids} | {int(mask_id), int(pad_id)}),
+                           dtype=token_ids.dtype, device=device)
+    eligible = ~torch.isin(token_ids, special)
+    if valid_mask is not None:
+        eligible &= valid_mask.to(device=device, dtype=torch.bool)
+
+    perturbed = eligible & (torch.rand(token_ids.shape, generator=generator, device=device) < prob)
+    action = torch.rand(token_ids.shape, generator=generator, device=device)
+    to_mask = perturbed & (action < mask_frac)
+    to_random = perturbed & (action >= mask_frac) & (action < mask_frac + random_frac)
+    to_delete = perturbed & (action >= mask_frac + random_frac)
+
+    augmented = token_ids.masked_fill(to_mask, mask_id)
+    pool = _ordinary_ids(vocab_size, special, device)
+    choice = torch.randint(len(pool), token_ids.shape, generator=generator, device=device)
+    augmented = torch.where(to_random, pool[choice].to(token_ids.dtype), augmented)
+
+    # deletion: a stable sort of "kept first, in order" moves every kept token left, then pad the tail
+    length = token_ids.shape[1]
+    positions = torch.arange(length, device=device).expand_as(token_ids)
+    order = torch.where(to_delete, positions + length, positions).argsort(dim=1)
+    shifted = augmented.gather(1, order)
+    kept = (~to_delete).sum(dim=1, keepdim=True)
+    return shifted.masked_fill(positions >= kept, pad_id)

@@ -1,0 +1,135 @@
+"""torchvision ResNets as feature-map image encoders, with the user's weights read from a local file.
+
+Part-based methods (PCC) need the last feature map, not a pooled vector: :class:`ResNetEncoder`
+runs the torchvision trunk (``conv1`` ... ``layer4``) and returns ``(B, C, h, w)``. The torchvision
+module sits under ``backbone.`` with torchvision's own parameter names, so a state dict saved with
+``torch.save(torchvision.models.resnet50(...).state_dict(), path)`` loads as it is (the classifier
+``fc.`` is dropped). Nothing is downloaded: without a file the weights are random.
+
+``last_stride=1`` removes the down-sampling of ``layer4`` (the re-identification habit, Luo et al.'s
+"bag of tricks"): the map is twice as tall and wide (24x8 at 384x128), so horizontal stripes have
+more rows to pool.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from tbps.errors import TBPSError
+
+__all__ = ["RESNET_NAMES", "ResNetEncoder", "build_resnet", "load_resnet_weights", "resnet_grid"]
+
+
+def _builders() -> dict[str, Callable[..., nn.Module]]:
+    from torchvision import models
+
+    return {"resnet18": models.resnet18, "resnet34": models.resnet34, "resnet50": models.resnet50,
+            "resnet101": models.resnet101}
+
+
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def resnet_grid(image_size: Sequence[int], last_stride: int = 2) -> tuple[int, int]:
+    """Feature-map (rows, cols) of a torchvision ResNet for an input of ``(height, width)``.
+
+    Each of conv1, the max-pool, layer2, layer3 and layer4 (stride 2) rounds up a halving
+    (kernel 3 or 7 with matching padding), so the size is a chain of ``ceil(x / 2)``.
+    """
+    halvings = 5 if last_stride == 2 else 4
+    rows, cols = int(image_size[0]), int(image_size[1])
+    for _ in range(halvings):
+        rows, cols = math.ceil(rows / 2), math.ceil(cols / 2)
+    return rows, cols
+
+
+class ResNetEncoder(nn.Module):
+    """A torchvision ResNet trunk under ``backbone``; ``forward`` returns the last feature map.
+
+    ``out_channels``: 512 (resnet18/34) or 2048 (resnet50/101).
+    """
+
+    def __init__(self, name: str, last_stride: int = 2) -> None:
+        super().__init__()
+        builders = _builders()
+        if name not in builders:
+            raise TBPSError(f"model.image_backbone={name!r}: choose one of {', '.join(RESNET_NAMES)}")
+        if last_stride not in (1, 2):
+            raise TBPSError(f"last_stride must be 1 or 2, got {last_stride}")
+        net = builders[name](weights=None)
+        net.fc = None  # the ImageNet classifier and its pooling are not used
+        net.avgpool = None
+        if last_stride == 1:
+            for module in net.layer4[0].modules():
+                if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
+                    module.stride = (1, 1)
+        self.backbone = net
+        self.arch = name
+        self.last_stride = last_stride
+        self.out_channels = int(512 * type(net.layer4[-1]).expansion)
+
+    def forward(self, images: Tensor) -> Tensor:
+        net = self.backbone
+        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise TBPSError(f"{path}: not a state dict of tensors (save one with torch.save(model.state_dict(), path))")
+    state = {}
+    for key, value in obj.items():
+        for prefix in ("module.", "backbone."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        state[key] = value
+    return state
+
+
+def load_resnet_weights(encoder: ResNetEncoder, path: str | Path) -> None:
+    """Read a torchvision ResNet state dict (``.pth``/``.pt``) into ``encoder.backbone``.
+
+    The ``fc.`` classifier is ignored; any missing, unexpected or mis-shaped weight is a one-line
+    error naming the file, since it means the file is another architecture.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TBPSError(f"{path}: file not found (model.pretrained: a torchvision {encoder.arch} state dict)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TBPSError(f"{path}: cannot read a torch state dict ({msg[:200]})") from None
+    state = {k: v for k, v in _unwrap(obj, path).items() if not k.startswith("fc.")}
+    expected = encoder.backbone.state_dict()
+    for key, value in state.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            raise TBPSError(f"{path}: {key} has shape {tuple(value.shape)} but {encoder.arch} expects "
+                            f"{tuple(expected[key].shape)} (weights of another ResNet?)")
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        raise TBPSError(f"{path}: {len(missing)} weights of {encoder.arch} are missing (e.g. {missing[0]}); "
+                        f"expected a torchvision {encoder.arch} state dict")
+    if unexpected:
+        raise TBPSError(f"{path}: {len(unexpected)} weights are not part of {encoder.arch} (e.g. {unexpected[0]}); "
+                        f"expected a torchvision {encoder.arch} state dict")
+    encoder.backbone.load_state_dict(state, strict=True)
+
+
+def build_resnet(name: str, weights: str | Path = "", last_stride: int = 2) -> ResNetEncoder:
+    """A :class:`ResNetEncoder` by torchvision name, with ``weights`` read from a local file if given."""
+    encoder = ResNetEncoder(name, last_stride)
+    if weights:
+        load_resnet_weights(encoder, weights)
+    return encoder

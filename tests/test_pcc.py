@@ -1,0 +1,365 @@
+"""PCC: its losses against direct loops, the stripes, the torchvision ResNet loader, the model's
+training step and retrieval hooks, and the attention figure."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from tbps.config import Config
+from tbps.errors import TBPSError
+from tbps.losses import cmr_loss, cmr_margins, part_similarities, ranking_loss
+from tbps.models import METHODS, build_model
+from tbps.models.pcc import PCC, PCCOptions, pool_stripes, stripe_bounds
+from tbps.models.resnet import build_resnet, load_resnet_weights, resnet_grid
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the machine is shared, and two spinning threads slow a small step down."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def direct_ranking(sim: torch.Tensor, pids: list[int], margin: float, negatives: str = "hardest") -> float:
+    """The ranking loss by explicit loops over positive pairs and negatives."""
+    pick = max if negatives == "hardest" else None
+    n = len(pids)
+    total, count = 0.0, 0
+    for i, j in itertools.product(range(n), range(n)):
+        if pids[i] != pids[j]:
+            continue
+        count += 1
+        neg_texts = [float(sim[i, l]) for l in range(n) if pids[l] != pids[i]]
+        neg_images = [float(sim[l, j]) for l in range(n) if pids[l] != pids[j]]
+        for negs in (neg_texts, neg_images):
+            if not negs:
+                continue
+            if pick is max:
+                total += max(0.0, margin - float(sim[i, j]) + max(negs))
+            else:
+                total += sum(max(0.0, margin - float(sim[i, j]) + s) for s in negs) / len(negs)
+    return total / (2 * count)
+
+
+def direct_cmr(image_parts: torch.Tensor, text_parts: torch.Tensor, pids: list[int], m0: float,
+               adaptive: bool, negatives: str = "hardest") -> tuple[float, list[float]]:
+    """CMR written out: cosines by hand, commonality as the mean over different-identity pairs."""
+    n, parts, _ = image_parts.shape
+    losses, margins = [], []
+    for k in range(parts):
+        sim = torch.zeros(n, n, dtype=torch.float64)
+        for i, j in itertools.product(range(n), range(n)):
+            a, b = image_parts[i, k], text_parts[j, k]
+            sim[i, j] = float((a * b).sum() / (a.norm() * b.norm()))
+        cross_identity = [float(sim[i, j]) for i, j in itertools.product(range(n), range(n)) if pids[i] != pids[j]]
+        commonality = min(1.0, max(0.0, sum(cross_identity) / len(cross_identity)))
+        margin = m0 * (1 - commonality) if adaptive else m0
+        margins.append(margin)
+        losses.append(direct_ranking(sim, pids, margin, negatives))
+    return sum(losses) / parts, margins
+
+
+@pytest.mark.parametrize("negatives", ["hardest", "all"])
+def test_ranking_loss_matches_direct_loops(negatives):
+    g = torch.Generator().manual_seed(1)
+    sim = torch.rand(7, 7, generator=g, dtype=torch.float64) * 2 - 1
+    pids = [0, 0, 1, 1, 1, 2, 3]
+    got = ranking_loss(sim, torch.tensor(pids), 0.3, negatives)
+    assert got.dtype == torch.float64
+    assert float(got) == pytest.approx(direct_ranking(sim, pids, 0.3, negatives), abs=1e-12)
+
+
+def test_ranking_loss_without_negatives_is_zero_and_finite():
+    sim = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    loss = ranking_loss(sim, torch.zeros(4, dtype=torch.long), 0.2)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.isfinite(sim.grad).all()
+
+
+@pytest.mark.parametrize("adaptive, negatives", [(True, "hardest"), (False, "hardest"), (True, "all")])
+def test_cmr_matches_direct_computation(adaptive, negatives):
+    g = torch.Generator().manual_seed(2)
+    pids = [0, 0, 1, 1, 2, 2, 3, 3]
+    image_parts = torch.randn(8, 3, 5, generator=g, dtype=torch.float64)
+    text_parts = torch.randn(8, 3, 5, generator=g, dtype=torch.float64)
+    # part 1 alike across people (a shared offset): its commonality is clearly above zero
+    shared = torch.randn(5, generator=g, dtype=torch.float64) * 3
+    image_parts[:, 1] += shared
+    text_parts[:, 1] += shared
+    expected, margins = direct_cmr(image_parts, text_parts, pids, 0.4, adaptive, negatives)
+    got = cmr_loss(image_parts, text_parts, torch.tensor(pids), 0.4, adaptive=adaptive, negatives=negatives)
+    assert float(got) == pytest.approx(expected, abs=1e-12)
+    got_margins = cmr_margins(part_similarities(image_parts, text_parts), torch.tensor(pids), 0.4)
+    if adaptive:
+        assert got_margins.tolist() == pytest.approx(margins, abs=1e-12)
+        assert margins[1] < 0.4 * 0.5  # the common part's margin has shrunk well below m0
+
+
+def test_cmr_margin_shrinks_as_cross_identity_similarity_grows():
+    """Mix a common vector into part 0 of everyone: the more alike people are there, the smaller its margin,
+    while part 1 (left alone) keeps its margin."""
+    g = torch.Generator().manual_seed(3)
+    pids = torch.arange(12) // 3
+    image_parts = torch.randn(12, 2, 16, generator=g, dtype=torch.float64)
+    text_parts = torch.randn(12, 2, 16, generator=g, dtype=torch.float64)
+    common = torch.randn(16, generator=g, dtype=torch.float64)
+    previous = None
+    for alpha in (0.0, 0.5, 1.0, 2.0, 4.0):
+        image, text = image_parts.clone(), text_parts.clone()
+        image[:, 0] += alpha * common
+        text[:, 0] += alpha * common
+        margins = cmr_margins(part_similarities(image, text), pids, 0.3)
+        if previous is not None:
+            assert margins[0] < previous[0] or previous[0] == 0
+            assert margins[1] == pytest.approx(previous[1])
+        previous = margins
+    assert previous[0] < 0.1 * 0.3 and previous[1] > 0.25
+
+
+def test_cmr_gradients_reach_both_modalities():
+    image = torch.randn(8, 3, 6, requires_grad=True)
+    text = torch.randn(8, 3, 6, requires_grad=True)
+    cmr_loss(image, text, torch.arange(8) // 2, 0.5).backward()
+    assert image.grad.abs().sum() > 0 and text.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- stripes
+
+@pytest.mark.parametrize("rows, parts", [(24, 6), (8, 4), (7, 3), (5, 5), (13, 4)])
+def test_stripes_partition_the_feature_map(rows, parts):
+    bounds = stripe_bounds(rows, parts)
+    assert len(bounds) == parts
+    covered = [r for start, end in bounds for r in range(start, end)]
+    assert covered == list(range(rows))  # every row exactly once, in order
+    sizes = [end - start for start, end in bounds]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def test_pool_stripes_pools_each_stripe_only():
+    feature_map = torch.randn(2, 3, 7, 4)
+    pooled = pool_stripes(feature_map, 3, "max")
+    for k, (start, end) in enumerate(stripe_bounds(7, 3)):
+        assert torch.equal(pooled[:, k], feature_map[:, :, start:end].amax(dim=(2, 3)))
+    averaged = pool_stripes(feature_map, 3, "avg")
+    assert torch.allclose(averaged[:, 0], feature_map[:, :, 0:2].mean(dim=(2, 3)))
+
+
+def test_more_parts_than_rows_is_an_error():
+    with pytest.raises(TBPSError, match="num_parts=5"):
+        stripe_bounds(4, 5)
+
+
+# ----------------------------------------------------------------------------- torchvision ResNet
+
+def test_resnet_feature_map_and_last_stride():
+    images = torch.randn(1, 3, 64, 32)
+    assert build_resnet("resnet18")(images).shape == (1, 512, 2, 1) and resnet_grid((64, 32), 2) == (2, 1)
+    assert build_resnet("resnet18", last_stride=1)(images).shape == (1, 512, 4, 2) and resnet_grid((64, 32), 1) == (4, 2)
+    assert resnet_grid((384, 128), 1) == (24, 8)
+    with pytest.raises(TBPSError, match="resnet18"):
+        build_resnet("resnet7")
+
+
+def test_resnet_loads_a_torchvision_state_dict(tmp_path):
+    source = torchvision.models.resnet18(weights=None)  # a random model saved as users save theirs
+    with torch.no_grad():
+        source.layer1[0].conv1.weight.normal_()
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    encoder = build_resnet("resnet18", path, last_stride=1)
+    assert torch.equal(encoder.backbone.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+    assert torch.equal(encoder.backbone.bn1.running_var, source.bn1.running_var)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "wrapped.pth")
+    wrapped = build_resnet("resnet18", tmp_path / "wrapped.pth")
+    assert torch.equal(wrapped.backbone.conv1.weight, source.conv1.weight)
+
+
+def test_resnet_weight_errors_are_one_line(tmp_path):
+    with pytest.raises(TBPSError, match="file not found") as missing:
+        build_resnet("resnet18", tmp_path / "nope.pth")
+    assert "\n" not in str(missing.value)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(TBPSError, match="shape") as shapes:
+        load_resnet_weights(build_resnet("resnet50"), tmp_path / "r18.pth")
+    assert "\n" not in str(shapes.value)
+    partial = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items() if "layer4" not in k}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(TBPSError, match="missing"):
+        build_resnet("resnet18", tmp_path / "partial.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(TBPSError, match="cannot read"):
+        build_resnet("resnet18", tmp_path / "text.pth")
+
+
+# ----------------------------------------------------------------------------- the model
+
+LENGTH = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tbps.data.tokenizers import build_tokenizer
+
+    return build_tokenizer("minilm", LENGTH)
+
+
+def tiny_config(loss: dict | None = None, **method) -> Config:
+    cfg = Config()
+    cfg.model.name = "pcc"
+    cfg.model.image_backbone = "resnet18"
+    cfg.model.pretrained = ""
+    cfg.model.text_backbone = "hf"
+    cfg.model.text_pretrained = "minilm"
+    cfg.model.text_frozen_layers = 5
+    cfg.model.embed_dim = 64
+    cfg.data.image_size = [64, 32]
+    cfg.data.text_length = LENGTH
+    cfg.data.tokenizer = "minilm"
+    cfg.loss = loss or {"id": 1.0, "rank": 1.0, "cmr": 1.0}
+    cfg.method = {"num_parts": 2, "heads": 2, "last_stride": 1, **method}
+    return cfg
+
+
+CAPTIONS = ["a man in a red shirt", "a woman with a blue skirt", "a child in green shorts", "a man with a black bag"]
+
+
+def batch(tokenizer, n_ids: int = 4, per_id: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    n = n_ids * per_id
+    pids = torch.arange(n) // per_id
+    return {"images": torch.randn(n, 3, 64, 32, generator=g),
+            "token_ids": tokenizer([CAPTIONS[int(p) % len(CAPTIONS)] for p in pids]),
+            "pids": pids, "image_ids": torch.arange(n)}
+
+
+def test_forward_losses_and_gradients(tokenizer):
+    model = build_model(tiny_config(), num_classes=4, tokenizer=tokenizer)
+    assert isinstance(model, PCC) and "pcc" in METHODS
+    out = model(batch(tokenizer))
+    expected = {"loss_id_global", "loss_rank_global", "loss_id_coarse", "loss_rank_coarse", "loss_id_fine", "loss_cmr"}
+    assert expected <= set(out)
+    total = sum(v for k, v in out.items() if k.startswith("loss_"))
+    assert torch.isfinite(total)
+    total.backward()
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for name in ("part_tokens", "text_part_tokens", "image_pos", "image_encoder.backbone.conv1.weight",
+                 "text_encoder.proj.weight", "classifier_fine.weight"):
+        param = dict(model.named_parameters())[name]
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert 0 < float(out["cmr_margin_min"]) <= float(out["cmr_margin_max"]) <= 0.2 + 1e-6
+
+
+def test_ablations_build_only_their_branches(tokenizer):
+    no_coarse = build_model(tiny_config(coarse=False), num_classes=4, tokenizer=tokenizer)
+    out = no_coarse(batch(tokenizer))
+    assert no_coarse.part_tokens is None and not any("coarse" in k for k in out)
+    sum(v for k, v in out.items() if k.startswith("loss_")).backward()
+    unused = [n for n, p in no_coarse.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused  # DDP needs every trainable parameter in the graph
+    no_fine = build_model(tiny_config(loss={"id": 1.0, "rank": 1.0}, fine=False), num_classes=4, tokenizer=tokenizer)
+    out = no_fine(batch(tokenizer))
+    assert no_fine.text_part_tokens is None and "loss_cmr" not in out and "loss_id_fine" not in out
+    with pytest.raises(TBPSError, match="loss.cmr"):
+        build_model(tiny_config(fine=False), num_classes=4, tokenizer=tokenizer)
+    fixed = build_model(tiny_config(cmr_adaptive=False), num_classes=4, tokenizer=tokenizer)
+    assert "loss_cmr" in fixed(batch(tokenizer)) and "cmr_margin_min" not in fixed(batch(tokenizer))
+
+
+def test_batchnorm_neck_spreads_embeddings(tokenizer):
+    model = build_model(tiny_config(), num_classes=4, tokenizer=tokenizer).train()
+    feats = model.image_features(batch(tokenizer)["images"])
+    assert set(model.necks) == {f"{lvl}_{side}" for lvl in ("global", "coarse", "fine") for side in ("image", "text")}
+    assert torch.allclose(feats["global"].mean(dim=0), torch.zeros(64), atol=1e-5)  # batch-normalised
+    plain = build_model(tiny_config(embedding_norm="none"), num_classes=4, tokenizer=tokenizer)
+    assert len(plain.necks) == 0
+    with pytest.raises(TBPSError, match="embedding_norm"):
+        PCCOptions(embedding_norm="ln")
+
+
+def test_retrieval_hooks_work_on_any_rows(tokenizer):
+    model = build_model(tiny_config(), num_classes=4, tokenizer=tokenizer).eval()
+    data = batch(tokenizer)
+    with torch.no_grad():
+        images, texts = model.embed_images(data["images"]), model.embed_texts(data["token_ids"])
+        assert images["global"].shape == (8, 64) and images["coarse"].shape == (8, 2, 64)
+        assert texts["fine"].shape == (8, 2, 64)
+        full = model.similarity(texts, images)
+        rows, cols = torch.tensor([5, 1]), torch.tensor([7, 0, 3])
+        part = model.similarity({k: v[rows] for k, v in texts.items()}, {k: v[cols] for k, v in images.items()})
+        assert torch.allclose(part, full[rows][:, cols], atol=1e-6)
+        # the fused score written out: (global cosine + mean coarse cosine + mean fine cosine) / 3
+        t, i = 2, 6
+        by_hand = (texts["global"][t] @ images["global"][i]
+                   + (texts["coarse"][t] * images["coarse"][i]).sum(-1).mean()
+                   + (texts["fine"][t] * images["fine"][i]).sum(-1).mean()) / 3
+        assert float(full[t, i]) == pytest.approx(float(by_hand), abs=1e-5)
+
+
+def test_inference_weights_select_branches(tokenizer):
+    model = build_model(tiny_config(inference_weights={"global": 1.0, "fine": 0.0, "coarse": 0.0}),
+                        num_classes=4, tokenizer=tokenizer).eval()
+    data = batch(tokenizer)
+    with torch.no_grad():
+        images, texts = model.embed_images(data["images"]), model.embed_texts(data["token_ids"])
+        assert set(images) == {"global"}
+        assert torch.allclose(model.similarity(texts, images), texts["global"] @ images["global"].t())
+    with pytest.raises(TBPSError, match="inference_weights.local"):
+        PCCOptions(inference_weights={"local": 1.0})
+    with pytest.raises(TBPSError, match="branch is off"):
+        PCCOptions(coarse=False, inference_weights={"coarse": 1.0})
+    with pytest.raises(TBPSError, match="at least one"):
+        PCCOptions(inference_weights={"global": 0.0, "coarse": 0, "fine": 0}).resolved_inference_weights()
+    # an override names only what changes: the other trained branches keep weight 1
+    assert PCCOptions(inference_weights={"fine": 0}).resolved_inference_weights() == {
+        "global": 1.0, "coarse": 1.0, "fine": 0.0}
+    assert PCCOptions(fine=False).resolved_inference_weights() == {"global": 1.0, "coarse": 1.0, "fine": 0.0}
+    with pytest.raises(TBPSError, match="image_backbone"):
+        build_model(_with_backbone("tiny-rn"), num_classes=4, tokenizer=tokenizer)
+
+
+def _with_backbone(name: str) -> Config:
+    cfg = tiny_config()
+    cfg.model.image_backbone = name
+    return cfg
+
+
+def test_training_steps_lower_the_loss(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), num_classes=4, tokenizer=tokenizer)
+    data = batch(tokenizer)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(6):
+        out = model(data)
+        loss = sum(v for k, v in out.items() if k.startswith("loss_"))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+
+
+def test_part_attention_and_figure(tokenizer, tmp_path):
+    from tbps.models.pcc_attention import main, render_pair
+
+    model = build_model(tiny_config(), num_classes=4, tokenizer=tokenizer).eval()
+    data = batch(tokenizer)
+    maps = model.part_attention(data["images"][:2], data["token_ids"][:2])
+    assert maps["image"].shape == (2, 2, 4, 2)  # (B, K, h, w) over the 4x2 map
+    assert torch.allclose(maps["image"].sum(dim=(2, 3)), torch.ones(2, 2), atol=1e-5)
+    real = maps["mask"].unsqueeze(1).expand_as(maps["text"])
+    assert torch.all(maps["text"][~real] == 0)  # padding is never attended to
+    assert torch.allclose(maps["text"].sum(-1), torch.ones(2, 2), atol=1e-5)
+    path = render_pair(model, tokenizer, data["images"][0], CAPTIONS[0], tmp_path / "att.png", title="test")
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        main(["--help"])
