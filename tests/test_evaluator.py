@@ -185,7 +185,13 @@ def test_evaluate_checkpoint_appends_a_row(records, tmp_path, monkeypatch):
     cfg.data.dataset, cfg.data.root, cfg.data.num_workers = "toy", str(tmp_path), 0
     ckpt = tmp_path / "run" / "best.pt"
     ckpt.parent.mkdir()
-    monkeypatch.setattr(checkpoint, "load_model_from_checkpoint", lambda path, device: (ColourModel(), cfg, tokenize))
+    seen_overrides = []
+
+    def fake_load(path, device, overrides=None):
+        seen_overrides.append(overrides)
+        return ColourModel(), cfg, tokenize
+
+    monkeypatch.setattr(checkpoint, "load_model_from_checkpoint", fake_load)
     monkeypatch.setattr(datasets, "load_dataset",
                         lambda name, root: SimpleNamespace(split=lambda s: records if s == "test" else []))
     monkeypatch.setattr(transforms, "build_image_transform", lambda size, train: to_tensor)
@@ -194,6 +200,10 @@ def test_evaluate_checkpoint_appends_a_row(records, tmp_path, monkeypatch):
     assert metrics["R1"] == pytest.approx(100.0) and "i2t_R1" in metrics
     row = json.loads((ckpt.parent / "metrics.jsonl").read_text())
     assert row["split"] == "test" and row["dataset"] == "toy" and row["R1"] == pytest.approx(100.0)
+    evaluate_checkpoint(ckpt, device="cpu", progress=False, overrides=["method.fuse_weight=1.0"])
+    assert seen_overrides[-1] == ["method.fuse_weight=1.0"]  # inference-time changes reach the model build
+    assert json.loads((ckpt.parent / "metrics.jsonl").read_text().splitlines()[-1])["overrides"] == [
+        "method.fuse_weight=1.0"]
     with pytest.raises(TBPSError, match="val split is empty"):
         evaluate_checkpoint(ckpt, split="val", device="cpu", progress=False)
     with pytest.raises(TBPSError, match="give --root"):
