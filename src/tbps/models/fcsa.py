@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from tbps.config import Config, build_dataclass
 from tbps.data.tokenizers import caption_valid_mask
 from tbps.errors import TBPSError
-from tbps.losses import cmpm_loss, cmrs_triplet_loss, id_loss, itc_loss, mlm_loss, sdm_loss
+from tbps.losses import cmrs_triplet_loss, mlm_loss
 from tbps.models import METHODS
 from tbps.models.base import parse_loss_weights
 from tbps.models.irra import IRRA, IRRAOptions
@@ -308,20 +308,7 @@ class FCSA(IRRA):
         image_out = self.image_encoder(images)
         text_out = self.text_encoder(token_ids)
         image_feats, text_feats = image_out["global"], text_out["global"]
-        if "sdm" in weights:
-            out["loss_sdm"] = weights["sdm"] * sdm_loss(image_feats, text_feats, pids, self.logit_scale)
-        if "itc" in weights:
-            out["loss_itc"] = weights["itc"] * itc_loss(image_feats, text_feats, self.logit_scale)
-        if "cmpm" in weights:
-            out["loss_cmpm"] = weights["cmpm"] * cmpm_loss(image_feats, text_feats, pids,
-                                                          label_norm=self.options.cmpm_label_norm)
-        if self.classifier is not None:
-            image_logits = self.classifier(image_feats.float())
-            text_logits = self.classifier(text_feats.float())
-            out["loss_id"] = weights["id"] * id_loss(image_logits, text_logits, pids)
-            with torch.no_grad():
-                out["acc_id_img"] = (image_logits.argmax(dim=1) == pids).float().mean()
-                out["acc_id_txt"] = (text_logits.argmax(dim=1) == pids).float().mean()
+        out.update(self.global_terms(image_feats, text_feats, pids))
         if self.training and "cmrs_image" in weights:
             out["loss_cmrs_image"] = weights["cmrs_image"] * self.image_cmrs(images, image_out, text_out, pids)
         if self.training and "cmrs_text" in weights:

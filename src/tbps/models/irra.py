@@ -155,6 +155,16 @@ class IRRA(TBPSModel):
         text_out = self.text_encoder(corrupted if reuse else token_ids)
         image_feats, text_feats = image_out["global"], text_out["global"]
 
+        out.update(self.global_terms(image_feats, text_feats, pids))
+
+        if use_irr:
+            masked_out = text_out if reuse else self.text_encoder(corrupted)
+            out.update(self.irr_terms(masked_out["tokens"], image_out["tokens"], labels, valid))
+        return out
+
+    def global_terms(self, image_feats: Tensor, text_feats: Tensor, pids: Tensor) -> dict[str, Tensor]:
+        """The weighted global-pair losses that are configured (SDM, ITC, CMPM, ID) and ID accuracies."""
+        weights, out = self.loss_weights, {}
         if "sdm" in weights:
             out["loss_sdm"] = weights["sdm"] * sdm_loss(image_feats, text_feats, pids, self.logit_scale)
         if "itc" in weights:
@@ -164,10 +174,6 @@ class IRRA(TBPSModel):
                                                           label_norm=self.options.cmpm_label_norm)
         if self.classifier is not None:
             out.update(self.id_terms(image_feats, text_feats, pids))
-
-        if use_irr:
-            masked_out = text_out if reuse else self.text_encoder(corrupted)
-            out.update(self.irr_terms(masked_out["tokens"], image_out["tokens"], labels, valid))
         return out
 
     def id_terms(self, image_feats: Tensor, text_feats: Tensor, pids: Tensor) -> dict[str, Tensor]:
