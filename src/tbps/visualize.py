@@ -19,7 +19,6 @@ Rendering uses matplotlib's Agg backend (no display needed).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import textwrap
 from dataclasses import dataclass, field
@@ -83,29 +82,13 @@ def rank_dataset_queries(checkpoint: str | os.PathLike, dataset: str | None = No
                          progress: bool = True) -> list[RankedQuery]:
     """Rank a dataset split's gallery for ``queries``, or for ``num_queries`` of its captions drawn
     with ``seed``. The dataset defaults to the checkpoint's own (as ``tbps eval``)."""
-    from tbps.data.datasets import load_dataset
-    from tbps.data.transforms import build_image_transform
-    from tbps.engine.checkpoint import load_model_from_checkpoint
-    from tbps.engine.distributed import resolve_device
-    from tbps.engine.evaluator import Evaluator
+    from tbps.engine.evaluator import checkpoint_evaluator
 
     _check_counts(top_k, None if queries else num_queries)
     texts = _clean_queries(queries) if queries else None
-    if batch_size < 1:
-        raise TBPSError(f"batch size must be at least 1, got {batch_size}")
-    dev = resolve_device(device)
-    model, cfg, tokenizer = load_model_from_checkpoint(checkpoint, dev)
-    name = dataset or cfg.data.dataset
-    if root is None:
-        if name != cfg.data.dataset:
-            raise TBPSError(f"the checkpoint was trained on {cfg.data.dataset!r}: give --root for {name!r}")
-        root = cfg.data.root
-    records = load_dataset(name, root).split(split)
-    if not records:
-        raise TBPSError(f"{name} ({root}): the {split} split is empty")
-    eval_cfg = dataclasses.replace(cfg.eval, batch_size=batch_size)
-    evaluator = Evaluator(model, records, tokenizer, build_image_transform(cfg.data.image_size, train=False),
-                          eval_cfg, dev, progress=progress)
+    evaluator, name, _ = checkpoint_evaluator(checkpoint, dataset, root, split, device, batch_size,
+                                           progress=progress, num_workers=0)
+    model, tokenizer, dev = evaluator.model, evaluator.tokenizer, evaluator.device
 
     if texts is None:
         generator = torch.Generator().manual_seed(seed)
@@ -128,8 +111,8 @@ def rank_dataset_queries(checkpoint: str | os.PathLike, dataset: str | None = No
     finally:
         model.train(was_training)
 
-    k = min(top_k, len(records))
-    gallery = f"{name} {split} split ({len(records):,} images of {len(set(evaluator.gallery_pids)):,} people)"
+    k = min(top_k, len(evaluator.image_paths))
+    gallery = f"{name} {split} split ({len(evaluator.image_paths):,} images of {len(set(evaluator.gallery_pids)):,} people)"
     ranked = []
     for row, text, pid in zip(scores, texts, pids):
         top = torch.topk(row, k)

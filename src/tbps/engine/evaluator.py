@@ -43,7 +43,7 @@ from tbps.errors import TBPSError
 Features = dict[str, torch.Tensor]
 METRIC_ORDER = ("mAP", "mINP")
 
-__all__ = ["Evaluator", "evaluate_checkpoint", "format_metrics_table", "append_metrics_jsonl", "resolve_device"]
+__all__ = ["Evaluator", "checkpoint_evaluator", "evaluate_checkpoint", "format_metrics_table", "append_metrics_jsonl", "resolve_device"]
 
 
 def _as_device(device: str | torch.device) -> torch.device:
@@ -234,13 +234,14 @@ def append_metrics_jsonl(path: str | os.PathLike, row: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, root: str | os.PathLike | None = None,
-                        split: str = "test", device: str | torch.device = "auto", batch_size: int = 128,
-                        i2t: bool = False, progress: bool = True,
-                        overrides: list[str] | None = None) -> dict[str, float]:
-    """Evaluate a saved model on a split (by default the dataset it was trained on); the row is
-    also appended to ``metrics.jsonl`` beside the checkpoint so results stay with the weights.
-    ``overrides`` (``key=value``) apply to the saved config first (inference-time options)."""
+def checkpoint_evaluator(checkpoint: str | os.PathLike, dataset: str | None = None,
+                         root: str | os.PathLike | None = None, split: str = "test",
+                         device: str | torch.device = "auto", batch_size: int = 128, i2t: bool = False,
+                         progress: bool = True, overrides: list[str] | None = None,
+                         num_workers: int | None = None) -> tuple["Evaluator", str, str | os.PathLike]:
+    """``(evaluator, dataset name, root)`` for a saved model on a split: the dataset defaults to the
+    one the checkpoint was trained on. ``overrides`` (``key=value``) apply to the saved config first
+    (inference-time options); ``num_workers`` defaults to the config's, at most one per CPU."""
     from tbps.data.datasets import load_dataset
     from tbps.data.transforms import build_image_transform
     from tbps.engine.checkpoint import load_model_from_checkpoint
@@ -259,9 +260,22 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
         raise TBPSError(f"{name} ({root}): the {split} split is empty")
     eval_cfg = dataclasses.replace(cfg.eval, batch_size=batch_size, i2t=i2t)
     transform = build_image_transform(cfg.data.image_size, train=False)
-    workers = min(cfg.data.num_workers, os.cpu_count() or 1)
-    metrics = Evaluator(model, records, tokenizer, transform, eval_cfg, dev, progress=progress,
-                        num_workers=workers).evaluate()
+    workers = min(cfg.data.num_workers, os.cpu_count() or 1) if num_workers is None else num_workers
+    evaluator = Evaluator(model, records, tokenizer, transform, eval_cfg, dev, progress=progress,
+                          num_workers=workers)
+    return evaluator, name, root
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, root: str | os.PathLike | None = None,
+                        split: str = "test", device: str | torch.device = "auto", batch_size: int = 128,
+                        i2t: bool = False, progress: bool = True,
+                        overrides: list[str] | None = None) -> dict[str, float]:
+    """Evaluate a saved model on a split (by default the dataset it was trained on); the row is
+    also appended to ``metrics.jsonl`` beside the checkpoint so results stay with the weights.
+    ``overrides`` (``key=value``) apply to the saved config first (inference-time options)."""
+    evaluator, name, root = checkpoint_evaluator(checkpoint, dataset, root, split, device, batch_size, i2t,
+                                                 progress, overrides)
+    metrics = evaluator.evaluate()
     row = {"event": "eval", "split": split, "dataset": name, "root": str(root), "checkpoint": str(checkpoint),
            "overrides": list(overrides or []), **metrics, "time": datetime.datetime.now().isoformat(timespec="seconds")}
     append_metrics_jsonl(Path(checkpoint).parent / "metrics.jsonl", row)

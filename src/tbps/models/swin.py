@@ -25,25 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from tbps.errors import TBPSError
+from tbps.models.backbones import _load_tensor_file
 
 __all__ = ["SwinBackbone", "build_swin", "read_swin_weights"]
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
-
-
-def _load_file(path: Path) -> Any:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise TBPSError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TBPSError(f"{path}: not a readable PyTorch checkpoint ({msg})") from None
 
 
 def read_swin_weights(path: str | Path) -> dict[str, Tensor]:
@@ -58,7 +44,7 @@ def read_swin_weights(path: str | Path) -> dict[str, Tensor]:
                 break
         else:
             raise TBPSError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
-    obj = _load_file(path)
+    obj = _load_tensor_file(path)
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
