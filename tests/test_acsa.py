@@ -15,16 +15,12 @@ from tbps.losses import cmpc_loss, cross_scale_loss
 from tbps.models import build_model
 from tbps.models.acsa import ACSA, blocked_cross_scale_similarity, cross_scale_similarity
 from tbps.models.swin import build_swin
+from tiny_models import tiny_config as base_config
 
 TINY_SWIN = {"swin_embed_dim": 16, "swin_depths": [1, 1, 1, 1], "swin_heads": [1, 1, 2, 2], "swin_window": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -196,20 +192,9 @@ def test_swin_weight_errors_are_one_line(tmp_path):
 # ----------------------------------------------------------------------------- the model
 
 def acsa_config(**method) -> Config:
-    cfg = Config()
-    cfg.model.name = "acsa"
-    cfg.model.image_backbone = "swin_tiny_patch4_window7_224"
-    cfg.model.pretrained = ""
-    cfg.model.text_backbone = "hf"
-    cfg.model.text_pretrained = "minilm"
-    cfg.model.text_frozen_layers = 5
-    cfg.model.embed_dim = 32
-    cfg.data.tokenizer = "minilm"
-    cfg.data.text_length = 24
-    cfg.data.image_size = [64, 32]
-    cfg.loss = {"cmpm": 1.0, "cmpc": 1.0, "cross_scale": 0.1}
-    cfg.method = {**TINY_SWIN, "drop_path": 0.0, **method}
-    return cfg
+    return base_config("acsa", {"cmpm": 1.0, "cmpc": 1.0, "cross_scale": 0.1},
+                       {**TINY_SWIN, "drop_path": 0.0, **method}, image_backbone="swin_tiny_patch4_window7_224",
+                       text="minilm", length=24, embed_dim=32)
 
 
 CAPTIONS = ["a man in a red shirt and blue jeans", "a woman with a black bag", "a girl wearing a white dress",

@@ -15,35 +15,16 @@ from tbps.losses import mal_loss
 from tbps.models import METHODS, build_model
 from tbps.models.cffa import CFFA, CFFAOptions, FLFRHead, select_top_tokens
 from tbps.models.masking import augment_tokens
-from test_irra import LENGTH, MASK, PAD, SOT, EOT, TOKENIZER, synthetic_pairs
+from test_irra import synthetic_pairs
+from tiny_models import EOT, LENGTH, MASK, PAD, SOT, TOKENIZER, total_loss
+from tiny_models import tiny_config as base_config
 
 CFFA_LOSS = {"mal": 1.0, "id": 1.0, "irr": 1.4}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared CPU two spinning threads made a step many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(loss: dict | None = None, **method) -> Config:
-    cfg = Config()
-    cfg.model.name = "cffa"
-    cfg.model.image_backbone = "tiny-vit"
-    cfg.model.text_backbone = "clip"
-    cfg.model.pretrained = ""
-    cfg.data.image_size = [64, 32]
-    cfg.data.text_length = LENGTH
-    cfg.method = {"cross_layers": 1, **method}
-    cfg.loss = dict(CFFA_LOSS if loss is None else loss)
-    return cfg
-
-
-def _loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
-    return sum(v for k, v in out.items() if k.startswith("loss_"))
+    return base_config("cffa", CFFA_LOSS if loss is None else loss, {"cross_layers": 1, **method})
 
 
 # ----------------------------------------------------------------------------- MAL
@@ -298,7 +279,7 @@ def test_forward_losses_and_gradients_reach_every_branch():
         assert value.dim() == 0 and torch.isfinite(value), key
     assert out["loss_mal"].item() == pytest.approx((out["mal_global"] + out["mal_local"]).item(), rel=1e-5)
     assert torch.equal(batch["token_ids"], original)  # augmentation works on a copy
-    _loss(out).backward()
+    total_loss(out).backward()
     for prefix in ("image_encoder.", "text_encoder.", "classifier.", "cross_modal.", "mlm_head.",
                    "image_local_head.", "text_local_head."):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
@@ -372,7 +353,7 @@ def test_tiny_cffa_overfits_sixteen_pairs():
     start, r1 = time.monotonic(), 0.0
     for step in range(1, 81):
         model.train()
-        loss = _loss(model(batch))
+        loss = total_loss(model(batch))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -4,7 +4,6 @@ masked re-encoding, the hard-positive swap, and IRRA's inference path."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,52 +16,28 @@ from tbps.models import METHODS, build_model
 from tbps.models.base import TBPSModel
 from tbps.models.fcsa import (FCSA, FCSAOptions, patch_pixel_mask, ratio_counts, select_by_saliency)
 
-SOT, EOT, MASK, PAD = 49406, 49407, 49408, 0
-LENGTH = 16
+from tiny_models import EOT, LENGTH, MASK, PAD, SOT, TOKENIZER, random_token_ids, total_loss
+from tiny_models import tiny_config as base_config
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-TOKENIZER = SimpleNamespace(vocab_size=49409, pad_id=PAD, mask_id=MASK, sot_id=SOT, eot_id=EOT,
-                            special_ids=[SOT, EOT, MASK, PAD], context_length=LENGTH)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(backbone: str = "tiny-vit", loss: dict | None = None, positives: int = 2, **method) -> Config:
-    cfg = Config()
-    cfg.model.name = "fcsa"
-    cfg.model.image_backbone = backbone
-    cfg.model.text_backbone = "clip"
-    cfg.model.pretrained = ""
-    cfg.data.image_size = [64, 32]
-    cfg.data.text_length = LENGTH
+    cfg = base_config("fcsa", loss or {"id": 1.0, "cmpm": 1.0, "cmrs_image": 1.0, "cmrs_text": 1.0},
+                      {"cross_layers": 1, **method}, image_backbone=backbone)
     cfg.data.positives = positives
-    cfg.loss = loss or {"id": 1.0, "cmpm": 1.0, "cmrs_image": 1.0, "cmrs_text": 1.0}
-    cfg.method = {"cross_layers": 1, **method}
     return cfg
 
 
 def batch_of(n_ids: int = 4, per_id: int = 2, k: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     n = n_ids * per_id
-    token_ids = torch.full((n * (k + 1), LENGTH), PAD, dtype=torch.long)
-    for i in range(token_ids.shape[0]):
-        words = int(torch.randint(4, LENGTH - 2, (1,), generator=g))
-        token_ids[i, 0] = SOT
-        token_ids[i, 1:words + 1] = torch.randint(1, 5000, (words,), generator=g)
-        token_ids[i, words + 1] = EOT
+    token_ids = random_token_ids(n * (k + 1), g)
     return {"images": torch.randn(n, 3, 64, 32, generator=g), "token_ids": token_ids[:n],
             "pids": torch.arange(n) // per_id, "image_ids": torch.arange(n),
             "pos_images": torch.randn(n, k, 3, 64, 32, generator=g),
             "pos_token_ids": token_ids[n:].view(n, k, LENGTH)}
-
-
-def _loss(out):
-    return sum(v for key, v in out.items() if key.startswith("loss_"))
 
 
 # ----------------------------------------------------------------------------- saliency selection
@@ -209,7 +184,7 @@ def test_training_step_losses_finite_and_gradients_everywhere():
     assert {"loss_id", "loss_cmpm", "loss_cmrs_image", "loss_cmrs_text", "acc_mlm"} <= set(out)
     assert all(torch.isfinite(v) for v in out.values())
     assert all(torch.equal(batch[k], original[k]) for k in batch), "the batch was modified in place"
-    _loss(out).backward()
+    total_loss(out).backward()
     for prefix in ("image_encoder.", "text_encoder.", "classifier.", "image_reconstructor.",
                    "cross_modal.", "mlm_head."):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
@@ -279,6 +254,9 @@ def test_options_and_losses_validated():
         FCSAOptions(swap_rate=0.6)
     with pytest.raises(TBPSError, match="margin"):
         FCSAOptions(margin=-1)
+    with pytest.raises(TBPSError, match="mlm_prob=0.3: IRRA's MLM option does not apply"):
+        FCSAOptions(mlm_prob=0.3)
+    assert FCSAOptions(mlm_prob=0.15, mlm_activation="gelu").mlm_activation == "gelu"  # defaults and used keys pass
     with pytest.raises(TBPSError, match="unknown config key method.mask_ratio"):
         build_dataclass(FCSAOptions, {"mask_ratio": 0.3}, "method")
     with pytest.raises(TBPSError, match="global features"):

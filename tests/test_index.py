@@ -122,6 +122,49 @@ def test_list_file_resolves_relative_paths_and_append_embeds_only_new_images(ckp
     assert len(set(GalleryIndex(tmp_path / "idx").paths)) == NUM_IMAGES
 
 
+def test_a_moved_gallery_is_searched_with_its_new_image_root(ckpt, gallery, tmp_path, capsys, caplog):
+    shutil.copytree(gallery, tmp_path / "old")
+    _build(ckpt, tmp_path / "old", tmp_path / "idx")
+    stored = json.loads((tmp_path / "idx" / "shards" / "shard-000000.paths.json").read_text())
+    assert stored[0] in ("a/img01.png", "b/img00.png") and not Path(stored[0]).is_absolute()
+    assert GalleryIndex(tmp_path / "idx").manifest["image_root"] == str((tmp_path / "old").resolve())
+    before = Searcher(tmp_path / "idx", device="cpu").search(QUERIES[:1], top_k=3)[0]
+
+    (tmp_path / "old").rename(tmp_path / "new")
+    caplog.clear()
+    Searcher(tmp_path / "idx", device="cpu")
+    assert "--image-root" in caplog.text  # the old place is gone: the log says what to do
+    moved = Searcher(tmp_path / "idx", device="cpu", image_root=tmp_path / "new")
+    after = moved.search(QUERIES[:1], top_k=3)[0]
+    assert [r["path"] for r in after] == [r["path"].replace("/old/", "/new/") for r in before]
+    assert all(Path(r["path"]).is_file() for r in after)
+    assert main(["search", "--index", str(tmp_path / "idx"), "--image-root", str(tmp_path / "new"), QUERIES[0],
+                 "--json", "--top-k", "3", "--device", "cpu"]) == 0
+    assert [r["path"] for r in json.loads(capsys.readouterr().out)] == [r["path"] for r in after]
+    with pytest.raises(TBPSError, match="image root is not a folder"):
+        GalleryIndex(tmp_path / "idx", image_root=tmp_path / "nowhere")
+
+
+def test_a_format_1_index_of_absolute_paths_is_read_and_appended(ckpt, gallery, tmp_path):
+    out = tmp_path / "idx"
+    _build(ckpt, gallery, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for shard in manifest["shards"]:  # rewrite it as tbps wrote format 1: absolute paths, no image_root
+        paths_file = out / "shards" / f"{shard['name']}.paths.json"
+        paths_file.write_text(json.dumps([str(gallery.resolve() / p) for p in json.loads(paths_file.read_text())]))
+    del manifest["image_root"]
+    manifest["version"] = 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    old = GalleryIndex(out)
+    assert old.paths == [p for p in list_images(gallery) if not p.endswith("broken.jpg")]
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    Image.new("RGB", (20, 40), (200, 10, 10)).save(extra / "red.png")
+    assert _build(ckpt, extra, out)["added"] == 1
+    upgraded = GalleryIndex(out)
+    assert upgraded.manifest["version"] == 2 and upgraded.paths == old.paths + [str((extra / "red.png").resolve())]
+
+
 def test_a_killed_run_resumes_after_its_last_complete_shard(ckpt, gallery, built, tmp_path, monkeypatch):
     real_write = index_module._write_shard
     written: list[str] = []
@@ -136,7 +179,8 @@ def test_a_killed_run_resumes_after_its_last_complete_shard(ckpt, gallery, built
     monkeypatch.setattr(index_module, "_write_shard", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         _build(ckpt, gallery, tmp_path / "idx")
-    assert GalleryIndex(tmp_path / "idx").paths == written  # only the complete shard counts
+    # only the complete shard counts (its paths are stored relative to the gallery folder)
+    assert GalleryIndex(tmp_path / "idx").paths == [str(gallery.resolve() / p) for p in written]
     monkeypatch.setattr(index_module, "_write_shard", real_write)
 
     embedded: list[int] = []

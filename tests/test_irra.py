@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,33 +11,14 @@ from tbps.config import Config
 from tbps.errors import TBPSError
 from tbps.models import METHODS, build_model
 from tbps.models.irra import IRRA, IRRAOptions
+from tiny_models import TOKENIZER, random_token_ids, total_loss
+from tiny_models import tiny_config as base_config
 
-SOT, EOT, MASK, PAD = 49406, 49407, 49408, 0
-LENGTH = 16
-TOKENIZER = SimpleNamespace(vocab_size=49409, pad_id=PAD, mask_id=MASK, sot_id=SOT, eot_id=EOT,
-                            special_ids=[SOT, EOT, MASK, PAD], context_length=LENGTH)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared CPU two spinning threads made a step ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(loss: dict | None = None, **method) -> Config:
-    cfg = Config()
-    cfg.model.image_backbone = "tiny-vit"
-    cfg.model.text_backbone = "clip"
-    cfg.model.pretrained = ""
-    cfg.data.image_size = [64, 32]
-    cfg.data.text_length = LENGTH
-    cfg.method = {"cross_layers": 1, **method}
-    if loss is not None:
-        cfg.loss = loss
-    return cfg
+    return base_config("irra", loss, {"cross_layers": 1, **method})
 
 
 def synthetic_pairs(n_ids: int = 8, per_id: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -50,18 +30,9 @@ def synthetic_pairs(n_ids: int = 8, per_id: int = 2, seed: int = 0) -> dict[str,
     blocks = torch.rand(n, 3, 4, 2, generator=g) * 3 - 1.5
     images = blocks.repeat_interleave(16, dim=2).repeat_interleave(16, dim=3)
     images = images + 0.05 * torch.randn(n, 3, 64, 32, generator=g)
-    token_ids = torch.full((n, LENGTH), PAD, dtype=torch.long)
-    for i in range(n):
-        words = int(torch.randint(4, LENGTH - 2, (1,), generator=g))
-        token_ids[i, 0] = SOT
-        token_ids[i, 1:words + 1] = torch.randint(1, 5000, (words,), generator=g)
-        token_ids[i, words + 1] = EOT
+    token_ids = random_token_ids(n, g)
     pids = torch.arange(n) // per_id
     return {"images": images, "token_ids": token_ids, "pids": pids, "image_ids": torch.arange(n)}
-
-
-def _loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
-    return sum(v for k, v in out.items() if k.startswith("loss_"))
 
 
 def test_registered_and_built_by_name():
@@ -82,7 +53,7 @@ def test_forward_finite_losses_and_gradients_to_both_encoders():
     for key, value in out.items():
         assert value.dim() == 0 and torch.isfinite(value), key
     assert torch.equal(batch["token_ids"], original), "captions of the global losses were masked"
-    _loss(out).backward()
+    total_loss(out).backward()
     for prefix in ("image_encoder.", "text_encoder.", "classifier.", "cross_modal.", "mlm_head."):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
         assert any(g is not None and g.abs().sum() > 0 for g in grads), prefix
@@ -163,7 +134,7 @@ def test_tiny_irra_overfits_sixteen_pairs():
     start, r1 = time.monotonic(), 0.0
     for step in range(1, 81):  # reaches 100% in 20-30 steps for seeds 0-3
         model.train()
-        loss = _loss(model(batch))
+        loss = total_loss(model(batch))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -11,57 +11,62 @@ import torchvision
 
 from tbps.config import Config
 from tbps.errors import TBPSError
-from tbps.losses import cmr_loss, cmr_margins, part_similarities, ranking_loss
+from tbps.losses import CMR_COMMONALITY, cmr_loss, cmr_margins, cmr_pair_margins, part_similarities, ranking_loss
 from tbps.models import METHODS, build_model
 from tbps.models.pcc import PCC, PCCOptions, pool_stripes, stripe_bounds
 from tbps.models.resnet import build_resnet, load_resnet_weights, resnet_grid
+from tiny_models import tiny_config as base_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the machine is shared, and two spinning threads slow a small step down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- losses
 
-def direct_ranking(sim: torch.Tensor, pids: list[int], margin: float, negatives: str = "hardest") -> float:
-    """The ranking loss by explicit loops over positive pairs and negatives."""
-    pick = max if negatives == "hardest" else None
+def direct_ranking(sim: torch.Tensor, pids: list[int], margin, negatives: str = "hardest") -> float:
+    """The ranking loss by explicit loops over positive pairs and negatives; ``margin`` a number or a
+    matrix indexed [image, caption] of the negative pair."""
     n = len(pids)
+
+    def m(a: int, b: int) -> float:
+        return float(margin) if isinstance(margin, (int, float)) else float(margin[a][b])
+
     total, count = 0.0, 0
     for i, j in itertools.product(range(n), range(n)):
         if pids[i] != pids[j]:
             continue
         count += 1
-        neg_texts = [float(sim[i, l]) for l in range(n) if pids[l] != pids[i]]
-        neg_images = [float(sim[l, j]) for l in range(n) if pids[l] != pids[j]]
-        for negs in (neg_texts, neg_images):
-            if not negs:
-                continue
-            if pick is max:
-                total += max(0.0, margin - float(sim[i, j]) + max(negs))
-            else:
-                total += sum(max(0.0, margin - float(sim[i, j]) + s) for s in negs) / len(negs)
+        pos = float(sim[i, j])
+        hinges_text = [max(0.0, m(i, l) - pos + float(sim[i, l])) for l in range(n) if pids[l] != pids[i]]
+        hinges_image = [max(0.0, m(l, j) - pos + float(sim[l, j])) for l in range(n) if pids[l] != pids[j]]
+        for hinges in (hinges_text, hinges_image):
+            if hinges:
+                total += max(hinges) if negatives == "hardest" else sum(hinges) / len(hinges)
     return total / (2 * count)
 
 
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
 def direct_cmr(image_parts: torch.Tensor, text_parts: torch.Tensor, pids: list[int], m0: float,
-               adaptive: bool, negatives: str = "hardest") -> tuple[float, list[float]]:
-    """CMR written out: cosines by hand, commonality as the mean over different-identity pairs."""
+               adaptive: bool, negatives: str = "hardest", commonality: str = "batch") -> tuple[float, list]:
+    """CMR written out: cosines by hand; commonality the mean over different-identity pairs ("batch")
+    or, per pair, the mean of the two within-modality part cosines ("pair")."""
     n, parts, _ = image_parts.shape
     losses, margins = [], []
     for k in range(parts):
         sim = torch.zeros(n, n, dtype=torch.float64)
         for i, j in itertools.product(range(n), range(n)):
-            a, b = image_parts[i, k], text_parts[j, k]
-            sim[i, j] = float((a * b).sum() / (a.norm() * b.norm()))
-        cross_identity = [float(sim[i, j]) for i, j in itertools.product(range(n), range(n)) if pids[i] != pids[j]]
-        commonality = min(1.0, max(0.0, sum(cross_identity) / len(cross_identity)))
-        margin = m0 * (1 - commonality) if adaptive else m0
+            sim[i, j] = _cos(image_parts[i, k], text_parts[j, k])
+        if not adaptive:
+            margin = m0
+        elif commonality == "batch":
+            cross = [float(sim[i, j]) for i, j in itertools.product(range(n), range(n)) if pids[i] != pids[j]]
+            margin = m0 * (1 - min(1.0, max(0.0, sum(cross) / len(cross))))
+        else:
+            margin = [[m0 * (1 - min(1.0, max(0.0, (_cos(image_parts[a, k], image_parts[b, k])
+                                                    + _cos(text_parts[a, k], text_parts[b, k])) / 2)))
+                       for b in range(n)] for a in range(n)]
         margins.append(margin)
         losses.append(direct_ranking(sim, pids, margin, negatives))
     return sum(losses) / parts, margins
@@ -84,8 +89,22 @@ def test_ranking_loss_without_negatives_is_zero_and_finite():
     assert float(loss.detach()) == 0.0 and torch.isfinite(sim.grad).all()
 
 
-@pytest.mark.parametrize("adaptive, negatives", [(True, "hardest"), (False, "hardest"), (True, "all")])
-def test_cmr_matches_direct_computation(adaptive, negatives):
+@pytest.mark.parametrize("negatives", ["hardest", "all"])
+def test_ranking_loss_with_a_margin_per_negative_pair_matches_direct_loops(negatives):
+    g = torch.Generator().manual_seed(4)
+    sim = torch.rand(7, 7, generator=g, dtype=torch.float64) * 2 - 1
+    margin = torch.rand(7, 7, generator=g, dtype=torch.float64) * 0.5
+    pids = [0, 0, 1, 1, 1, 2, 3]
+    got = ranking_loss(sim, torch.tensor(pids), margin, negatives)
+    assert float(got) == pytest.approx(direct_ranking(sim, pids, margin.tolist(), negatives), abs=1e-12)
+    uniform = ranking_loss(sim, torch.tensor(pids), torch.full((7, 7), 0.3, dtype=torch.float64), negatives)
+    assert float(uniform) == pytest.approx(float(ranking_loss(sim, torch.tensor(pids), 0.3, negatives)), abs=1e-12)
+
+
+@pytest.mark.parametrize("adaptive, negatives, commonality", [
+    (True, "hardest", "batch"), (False, "hardest", "batch"), (True, "all", "batch"),
+    (True, "hardest", "pair"), (True, "all", "pair")])
+def test_cmr_matches_direct_computation(adaptive, negatives, commonality):
     g = torch.Generator().manual_seed(2)
     pids = [0, 0, 1, 1, 2, 2, 3, 3]
     image_parts = torch.randn(8, 3, 5, generator=g, dtype=torch.float64)
@@ -94,9 +113,14 @@ def test_cmr_matches_direct_computation(adaptive, negatives):
     shared = torch.randn(5, generator=g, dtype=torch.float64) * 3
     image_parts[:, 1] += shared
     text_parts[:, 1] += shared
-    expected, margins = direct_cmr(image_parts, text_parts, pids, 0.4, adaptive, negatives)
-    got = cmr_loss(image_parts, text_parts, torch.tensor(pids), 0.4, adaptive=adaptive, negatives=negatives)
+    expected, margins = direct_cmr(image_parts, text_parts, pids, 0.4, adaptive, negatives, commonality)
+    got = cmr_loss(image_parts, text_parts, torch.tensor(pids), 0.4, adaptive=adaptive, negatives=negatives,
+                   commonality=commonality)
     assert float(got) == pytest.approx(expected, abs=1e-12)
+    if commonality == "pair":
+        got_margins = cmr_pair_margins(image_parts, text_parts, 0.4)
+        assert torch.allclose(got_margins, torch.tensor(margins, dtype=torch.float64), atol=1e-12, rtol=0)
+        return
     got_margins = cmr_margins(part_similarities(image_parts, text_parts), torch.tensor(pids), 0.4)
     if adaptive:
         assert got_margins.tolist() == pytest.approx(margins, abs=1e-12)
@@ -124,11 +148,33 @@ def test_cmr_margin_shrinks_as_cross_identity_similarity_grows():
     assert previous[0] < 0.1 * 0.3 and previous[1] > 0.25
 
 
+def test_pair_margin_shrinks_only_for_the_people_who_share_the_part():
+    """Give persons 0 and 1 the same part 0 (in their images and captions): the margin of their negative
+    pairs shrinks at part 0 only, every other pair and part keeps m0 or near it."""
+    g = torch.Generator().manual_seed(5)
+    image = torch.randn(6, 2, 32, generator=g, dtype=torch.float64)
+    text = torch.randn(6, 2, 32, generator=g, dtype=torch.float64)
+    before = cmr_pair_margins(image, text, 0.3)
+    shared = torch.randn(32, generator=g, dtype=torch.float64) * 4
+    image[[0, 1], 0] += shared
+    text[[0, 1], 0] += shared
+    after = cmr_pair_margins(image, text, 0.3)
+    assert after[0, 0, 1] < 0.1 * 0.3 and after[0, 1, 0] == after[0, 0, 1]  # alike in both modalities
+    assert after[0, 0, 1] < before[0, 0, 1]
+    untouched = torch.ones(2, 6, 6, dtype=torch.bool)
+    untouched[0, 0, 1] = untouched[0, 1, 0] = False
+    untouched[0, [0, 1]] = untouched[0, :, [0, 1]] = False  # rows / columns of the shifted vectors move a bit
+    assert torch.equal(after[untouched], before[untouched])
+    assert (after <= 0.3).all() and (after >= 0).all()
+
+
 def test_cmr_gradients_reach_both_modalities():
     image = torch.randn(8, 3, 6, requires_grad=True)
     text = torch.randn(8, 3, 6, requires_grad=True)
-    cmr_loss(image, text, torch.arange(8) // 2, 0.5).backward()
-    assert image.grad.abs().sum() > 0 and text.grad.abs().sum() > 0
+    for commonality in CMR_COMMONALITY:
+        image.grad = text.grad = None
+        cmr_loss(image, text, torch.arange(8) // 2, 0.5, commonality=commonality).backward()
+        assert image.grad.abs().sum() > 0 and text.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------- stripes
@@ -212,20 +258,9 @@ def tokenizer():
 
 
 def tiny_config(loss: dict | None = None, **method) -> Config:
-    cfg = Config()
-    cfg.model.name = "pcc"
-    cfg.model.image_backbone = "resnet18"
-    cfg.model.pretrained = ""
-    cfg.model.text_backbone = "hf"
-    cfg.model.text_pretrained = "minilm"
-    cfg.model.text_frozen_layers = 5
-    cfg.model.embed_dim = 64
-    cfg.data.image_size = [64, 32]
-    cfg.data.text_length = LENGTH
-    cfg.data.tokenizer = "minilm"
-    cfg.loss = loss or {"id": 1.0, "rank": 1.0, "cmr": 1.0}
-    cfg.method = {"num_parts": 2, "heads": 2, "last_stride": 1, **method}
-    return cfg
+    return base_config("pcc", loss or {"id": 1.0, "rank": 1.0, "cmr": 1.0},
+                       {"num_parts": 2, "heads": 2, "last_stride": 1, **method}, image_backbone="resnet18",
+                       text="minilm", length=LENGTH, embed_dim=64)
 
 
 CAPTIONS = ["a man in a red shirt", "a woman with a blue skirt", "a child in green shorts", "a man with a black bag"]
@@ -271,6 +306,12 @@ def test_ablations_build_only_their_branches(tokenizer):
         build_model(tiny_config(fine=False), num_classes=4, tokenizer=tokenizer)
     fixed = build_model(tiny_config(cmr_adaptive=False), num_classes=4, tokenizer=tokenizer)
     assert "loss_cmr" in fixed(batch(tokenizer)) and "cmr_margin_min" not in fixed(batch(tokenizer))
+    pair = build_model(tiny_config(cmr_commonality="pair"), num_classes=4, tokenizer=tokenizer)
+    out = pair(batch(tokenizer))
+    assert torch.isfinite(out["loss_cmr"])
+    assert 0 <= float(out["cmr_margin_min"]) <= float(out["cmr_margin_mean"]) <= float(out["cmr_margin_max"]) <= 0.2 + 1e-6
+    with pytest.raises(TBPSError, match="cmr_commonality"):
+        PCCOptions(cmr_commonality="global")
 
 
 def test_batchnorm_neck_spreads_embeddings(tokenizer):

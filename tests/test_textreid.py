@@ -8,7 +8,6 @@ import math
 import os
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,51 +21,27 @@ from tbps.errors import TBPSError
 from tbps.losses import global_align_loss, instance_loss, queue_infonce_loss
 from tbps.models import METHODS, build_model
 from tbps.models.textreid import TextReID
+from tiny_models import EOT, PAD, clip_tokenizer, random_token_ids, total_loss
+from tiny_models import tiny_config as base_config
 
-SOT, EOT, MASK, PAD = 49406, 49407, 49408, 0
 LENGTH = 12
-TOKENIZER = SimpleNamespace(name="clip", vocab_size=49409, pad_id=PAD, mask_id=MASK, sot_id=SOT, eot_id=EOT,
-                            special_ids=[SOT, EOT, MASK, PAD], context_length=LENGTH)
+TOKENIZER = clip_tokenizer(LENGTH)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(loss: dict | None = None, **method) -> Config:
-    cfg = Config()
-    cfg.model.name = "textreid"
-    cfg.model.image_backbone = "tiny-rn"
-    cfg.model.text_backbone = "clip"
-    cfg.model.pretrained = ""
-    cfg.model.embed_dim = 16
-    cfg.model.resnet_last_stride = 1
-    cfg.data.image_size = [64, 32]
-    cfg.data.text_length = LENGTH
-    cfg.loss = loss if loss is not None else {"instance": 1.0, "align": 1.0, "moco": 1.0}
-    cfg.method = {"gru_hidden": 8, "queue_size": 12, "momentum": 0.9, **method}
-    return cfg
+    return base_config("textreid", {"instance": 1.0, "align": 1.0, "moco": 1.0} if loss is None else loss,
+                       {"gru_hidden": 8, "queue_size": 12, "momentum": 0.9, **method}, image_backbone="tiny-rn",
+                       length=LENGTH, embed_dim=16, resnet_last_stride=1)
 
 
 def tiny_batch(n: int = 8, per_id: int = 2, seed: int = 0, first_pid: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    token_ids = torch.full((n, LENGTH), PAD, dtype=torch.long)
-    for i in range(n):
-        words = int(torch.randint(2, LENGTH - 2, (1,), generator=g))
-        token_ids[i, 0] = SOT
-        token_ids[i, 1:words + 1] = torch.randint(1, 5000, (words,), generator=g)
-        token_ids[i, words + 1] = EOT
+    token_ids = random_token_ids(n, g, LENGTH, min_words=2)
     return {"images": torch.randn(n, 3, 64, 32, generator=g), "token_ids": token_ids,
             "pids": first_pid + torch.arange(n) // per_id, "image_ids": torch.arange(n)}
-
-
-def total_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
-    return sum(v for k, v in out.items() if k.startswith("loss_"))
 
 
 # ----------------------------------------------------------------------------- losses vs loops
@@ -452,27 +427,17 @@ TRAIN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    from tbps.data.synth import generate_synthpedes
-
-    root = tmp_path_factory.mktemp("synth")
-    generate_synthpedes(root, num_ids=20, images_per_id=2, captions_per_image=2, height=64, width=32,
-                        seed=3, progress=False)
-    return root
-
-
 def _train_losses(out: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss_moco"] for r in rows if r.get("split") == "train"}
 
 
 @pytest.mark.slow  # three short training runs
-def test_resume_continues_with_the_same_queue(synth_root, tmp_path):
+def test_resume_continues_with_the_same_queue(tiny_synth_root, tmp_path):
     from tbps.engine.trainer import train
 
     def cfg(out: Path, *extra: str):
-        return load_config(None, TRAIN + [f"data.root={synth_root}", f"train.output_dir={out}", *extra])
+        return load_config(None, TRAIN + [f"data.root={tiny_synth_root}", f"train.output_dir={out}", *extra])
 
     summary = train(cfg(tmp_path / "full", "train.epochs=2"))
     reference = _train_losses(tmp_path / "full")

@@ -27,14 +27,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate_synthpedes(root, num_ids=20, images_per_id=2, captions_per_image=2, height=64, width=32,
-                        seed=3, progress=False)
-    return root
-
-
 def tiny_cfg(root: Path, out: Path, *extra: str):
     return load_config(None, TINY + [f"data.root={root}", f"train.output_dir={out}", *extra])
 
@@ -44,9 +36,9 @@ def train_rows(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r.get("split") == "train"}
 
 
-def test_train_writes_outputs_and_resume_is_exact(synth_root, tmp_path):
+def test_train_writes_outputs_and_resume_is_exact(tiny_synth_root, tmp_path):
     full = tmp_path / "full"
-    summary = train(tiny_cfg(synth_root, full, "train.epochs=2"))
+    summary = train(tiny_cfg(tiny_synth_root, full, "train.epochs=2"))
     for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl"):
         assert (full / name).is_file(), name
     reference = train_rows(full)
@@ -56,9 +48,9 @@ def test_train_writes_outputs_and_resume_is_exact(synth_root, tmp_path):
     # a run that stops mid-way through epoch 2 (as a kill after a checkpoint would), then resumes
     cut = steps_per_epoch + 1
     part = tmp_path / "part"
-    train(tiny_cfg(synth_root, part, "train.epochs=2", f"train.max_steps={cut}"))
+    train(tiny_cfg(tiny_synth_root, part, "train.epochs=2", f"train.max_steps={cut}"))
     assert read_checkpoint(part / "last.pt")["train_state"]["step"] == cut
-    train(tiny_cfg(synth_root, part, "train.epochs=2"), resume=True)
+    train(tiny_cfg(tiny_synth_root, part, "train.epochs=2"), resume=True)
     resumed = train_rows(part)
     assert sorted(resumed) == sorted(reference)
     for step in range(cut + 1, summary["steps"] + 1):
@@ -69,9 +61,9 @@ def test_train_writes_outputs_and_resume_is_exact(synth_root, tmp_path):
         torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-4, atol=1e-5)
 
 
-def test_resume_without_checkpoint_is_a_clear_error(synth_root, tmp_path):
+def test_resume_without_checkpoint_is_a_clear_error(tiny_synth_root, tmp_path):
     with pytest.raises(TBPSError, match="nothing to resume"):
-        train(tiny_cfg(synth_root, tmp_path / "none"), resume=True)
+        train(tiny_cfg(tiny_synth_root, tmp_path / "none"), resume=True)
 
 
 def test_missing_images_are_reported_before_training(tmp_path):
@@ -87,9 +79,9 @@ def test_missing_images_are_reported_before_training(tmp_path):
     assert not (tmp_path / "out" / "last.pt").exists()
 
 
-def test_fine_tuning_skips_a_classifier_of_another_size(synth_root, tmp_path):
+def test_fine_tuning_skips_a_classifier_of_another_size(tiny_synth_root, tmp_path):
     first = tmp_path / "first"
-    train(tiny_cfg(synth_root, first, "train.max_steps=1", "train.eval_split=none"))
+    train(tiny_cfg(tiny_synth_root, first, "train.max_steps=1", "train.eval_split=none"))
     other = tmp_path / "other"
     generate_synthpedes(other, num_ids=14, images_per_id=2, captions_per_image=1, height=64, width=32,
                         seed=9, progress=False)
@@ -115,10 +107,10 @@ def _ddp_worker(rank: int, world_size: int, port: int, root: str, out: str, resu
     Path(result_dir, f"rank{rank}.json").write_text(json.dumps(summary))
 
 
-def test_two_process_gloo_run_finishes_and_ranks_agree(synth_root, tmp_path):
+def test_two_process_gloo_run_finishes_and_ranks_agree(tiny_synth_root, tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(synth_root), str(tmp_path / "ddp"), str(results)),
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tiny_synth_root), str(tmp_path / "ddp"), str(results)),
              nprocs=2, join=True)
     r0 = json.loads((results / "rank0.json").read_text())
     r1 = json.loads((results / "rank1.json").read_text())

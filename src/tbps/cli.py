@@ -26,6 +26,10 @@ EXAMPLES = """examples:
 """
 
 
+IMAGE_ROOT_HELP = ("the gallery's folder now, when it has moved since tbps index (the index stores "
+                   "paths relative to the folder it indexed; default: that folder)")
+
+
 # ----------------------------------------------------------------------------- handlers
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -110,7 +114,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.index, host=args.host, port=args.port, checkpoint=args.checkpoint, device=args.device,
           max_query_chars=args.max_query_chars, max_k=args.max_k, max_batch=args.max_batch,
-          log_level=args.log_level)
+          log_level=args.log_level, image_root=args.image_root)
     return 0
 
 
@@ -119,7 +123,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
     ranked = visualize(args.out, checkpoint=args.checkpoint, index=args.index, dataset=args.dataset,
                        root=args.root, split=args.split, queries=args.queries, num_queries=args.num_queries,
-                       top_k=args.top_k, seed=args.seed, rerank=args.rerank == "on", device=args.device)
+                       top_k=args.top_k, seed=args.seed, rerank=args.rerank == "on", device=args.device,
+                       image_root=args.image_root)
     known = [q.first_match_rank for q in ranked if q.first_match_rank is not None]
     note = f"; first true match at rank {', '.join(map(str, known))}" if known else ""
     print(f"wrote {args.out}: {len(ranked)} queries x top {args.top_k}{note}")
@@ -155,7 +160,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from tbps.search.searcher import Searcher
 
     queries = _read_queries(args)
-    searcher = Searcher(args.index, checkpoint=args.checkpoint, device=args.device, backend=args.backend)
+    searcher = Searcher(args.index, checkpoint=args.checkpoint, device=args.device, backend=args.backend,
+                        image_root=args.image_root)
     results = searcher.search(queries, top_k=args.top_k, rerank=args.rerank == "on", shortlist=args.shortlist)
     if args.json:
         rows = [[{k: r[k] for k in ("rank", "path", "score")} for r in ranked] for ranked in results]
@@ -298,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="the model (default: the checkpoint the index records)")
     p.add_argument("--backend", default=None, choices=["auto", "exact", "faiss-hnsw", "faiss-ivf"],
                    help="first-stage search (default: the one saved with the index)")
+    p.add_argument("--image-root", default=None, help=IMAGE_ROOT_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("query", nargs="*", help="descriptions, e.g. 'a man in a grey hoodie with a red backpack'")
     p.set_defaults(func=_cmd_search)
@@ -314,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrent queries searched together in one batch (1: one at a time)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (info logs every request)")
+    p.add_argument("--image-root", default=None, help=IMAGE_ROOT_HELP)
     p.set_defaults(func=_cmd_serve)
 
     # visualize
@@ -336,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help=ROOT_HELP + " (default: the checkpoint's)")
     p.add_argument("--split", default="test", choices=["test", "val", "train"], help="the split whose gallery is ranked")
     p.add_argument("--index", default=None, help="search this index (tbps index) instead of a dataset split")
+    p.add_argument("--image-root", default=None, help="with --index: " + IMAGE_ROOT_HELP)
     p.add_argument("--num-queries", type=int, default=4, help="captions drawn from the split when none are typed")
     p.add_argument("--top-k", type=int, default=5, help="images per query (at most 20)")
     p.add_argument("--seed", type=int, default=0, help="which captions are drawn")

@@ -287,26 +287,31 @@ def ranking_loss(similarity: Tensor, pids: Tensor, margin: float | Tensor, negat
         L    = 1/(2|P|) sum_{(i,j) in P} (mean_{l : y_l != y_i} [m - s_ij + s_il]_+
                                           + mean_{l : y_l != y_j} [m - s_ij + s_lj]_+)
 
-    ``margin`` m is a scalar (a tensor is allowed, e.g. CMR's per-part margin). A row without any
-    negative contributes nothing.
+    ``margin`` m is a scalar (a 0-d tensor is allowed, e.g. CMR's per-part margin) or a ``(B, B)``
+    matrix ``M[a, b]``: the margin of the negative pair (image a, caption b), as CMR's per-pair
+    commonality gives. Then the image term of positive (i, j) against caption l uses ``M[i, l]``,
+    the text term against image l uses ``M[l, j]``, and "hardest" is the most violating negative,
+    ``max_l (s_il + M[i, l])`` (for a scalar m the same negative as ``max_l s_il``). A row without
+    any negative contributes nothing.
     """
     similarity = _full_precision(similarity)
     positives = _same_identity(pids, torch.bool)
     negative = ~positives
     has_text = negative.any(dim=1)
     has_image = negative.any(dim=0)
+    violation = similarity + margin  # s + m of every (image, caption) pair, read at the negatives
     if negatives == "hardest":
         lowest = torch.finfo(similarity.dtype).min
-        hardest_text = torch.where(negative, similarity, lowest).amax(dim=1)  # h_i, per image row
-        hardest_image = torch.where(negative, similarity, lowest).amax(dim=0)  # g_j, per caption column
-        image_term = F.relu(margin - similarity + hardest_text.unsqueeze(1)) * has_text.unsqueeze(1)
-        text_term = F.relu(margin - similarity + hardest_image.unsqueeze(0)) * has_image.unsqueeze(0)
+        hardest_text = torch.where(negative, violation, lowest).amax(dim=1)  # h_i + m, per image row
+        hardest_image = torch.where(negative, violation, lowest).amax(dim=0)  # g_j + m, per caption column
+        image_term = F.relu(hardest_text.unsqueeze(1) - similarity) * has_text.unsqueeze(1)
+        text_term = F.relu(hardest_image.unsqueeze(0) - similarity) * has_image.unsqueeze(0)
     elif negatives == "all":
         weight = negative.to(similarity.dtype)
         # [i, j, l]: positive (i, j) against caption l of image i / image l of caption j
-        image_hinge = F.relu(margin - similarity.unsqueeze(2) + similarity.unsqueeze(1))
+        image_hinge = F.relu(violation.unsqueeze(1) - similarity.unsqueeze(2))
         image_term = (image_hinge * weight.unsqueeze(1)).sum(dim=2) / weight.sum(dim=1, keepdim=True).clamp(min=1)
-        text_hinge = F.relu(margin - similarity.unsqueeze(2) + similarity.t().unsqueeze(0))
+        text_hinge = F.relu(violation.t().unsqueeze(0) - similarity.unsqueeze(2))
         text_term = (text_hinge * weight.t().unsqueeze(0)).sum(dim=2) / weight.sum(dim=0).unsqueeze(0).clamp(min=1)
     else:
         raise ValueError(f"ranking negatives must be 'hardest' or 'all', got {negatives!r}")
@@ -340,24 +345,53 @@ def cmr_margins(part_similarity: Tensor, pids: Tensor, margin: float) -> Tensor:
         return margin * (1 - commonality.clamp(0.0, 1.0))
 
 
+def cmr_pair_margins(image_parts: Tensor, text_parts: Tensor, margin: float) -> Tensor:
+    """Per-part, per-pair margins of CMR (``method.cmr_commonality=pair``), ``(K, B, B)``, no gradient.
+
+    The commonality of part k between person a and person b is how alike that part is *within*
+    each modality (their images' stripe k, their captions' part k), and only their negative pair
+    gets the smaller margin, not the whole batch::
+
+        c^k_ab = (cos(v_a^k, v_b^k) + cos(t_a^k, t_b^k)) / 2
+        M^k_ab = m0 * (1 - clamp(c^k_ab, 0, 1))          (margin of the negative pair image a, caption b)
+
+    Row a of ``image_parts`` and of ``text_parts`` is one image-caption pair of the batch.
+    """
+    with torch.no_grad():
+        image_norm = F.normalize(_full_precision(image_parts.detach()), dim=-1)
+        text_norm = F.normalize(_full_precision(text_parts.detach()), dim=-1)
+        commonality = (torch.einsum("akd,bkd->kab", image_norm, image_norm)
+                       + torch.einsum("akd,bkd->kab", text_norm, text_norm)) / 2
+        return margin * (1 - commonality.clamp(0.0, 1.0))
+
+
+CMR_COMMONALITY = ("batch", "pair")
+
+
 def cmr_loss(image_parts: Tensor, text_parts: Tensor, pids: Tensor, margin: float,
-             adaptive: bool = True, negatives: str = "hardest") -> Tensor:
+             adaptive: bool = True, negatives: str = "hardest", commonality: str = "batch") -> Tensor:
     """Commonality-based margin ranking (CMR) loss on fine part embeddings (PCC, Park et al. 2024).
 
     Our reading of the method (the paper's formula is not in our sources; see ``models/pcc.py``):
-    a ranking loss per part k whose margin shrinks for parts common across identities::
+    a ranking loss per part k whose margin shrinks where part k is common across identities::
 
         S^k_ij = cos(v_i^k, t_j^k)                     (image part k of i, caption part k of j)
-        m_k    = cmr_margins(S, y, m0)                 (= m0 when adaptive=False: a fixed margin)
-        L      = 1/K sum_k ranking_loss(S^k, y, m_k)        (``negatives``: hardest or all, as there)
+        m_k    = cmr_margins(S, y, m0)                 commonality="batch": one margin a part
+        M^k    = cmr_pair_margins(v, t, m0)            commonality="pair": one a part and negative pair
+        L      = 1/K sum_k ranking_loss(S^k, y, m_k or M^k)   (``negatives``: hardest or all, as there)
 
-    ``image_parts`` and ``text_parts`` are ``(B, K, D)``.
+    ``adaptive=False`` is the fixed-margin ranking loss (m0 everywhere). ``image_parts`` and
+    ``text_parts`` are ``(B, K, D)``.
     """
+    if commonality not in CMR_COMMONALITY:
+        raise ValueError(f"CMR commonality must be one of {CMR_COMMONALITY}, got {commonality!r}")
     similarity = part_similarities(image_parts, text_parts)
-    if adaptive:
+    if not adaptive:
+        margins = similarity.new_full((similarity.shape[0],), float(margin))
+    elif commonality == "batch":
         margins = cmr_margins(similarity, pids, margin)
     else:
-        margins = similarity.new_full((similarity.shape[0],), float(margin))
+        margins = cmr_pair_margins(image_parts, text_parts, margin)
     losses = [ranking_loss(similarity[k], pids, margins[k], negatives) for k in range(similarity.shape[0])]
     return torch.stack(losses).mean()
 

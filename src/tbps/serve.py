@@ -311,14 +311,14 @@ def _check_port(host: str, port: int) -> None:
 def serve(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *,
           checkpoint: str | os.PathLike | None = None, device: str = "auto",
           max_query_chars: int = MAX_QUERY_CHARS, max_k: int = MAX_K, max_batch: int = MAX_BATCH,
-          log_level: str = "info") -> None:
+          log_level: str = "info", image_root: str | os.PathLike | None = None) -> None:
     """Load the index and its model once, then serve the API and page until interrupted."""
     import uvicorn
 
     from tbps.search import Searcher
 
     _check_port(host, port)
-    searcher = Searcher(index_dir, checkpoint=checkpoint, device=device)
+    searcher = Searcher(index_dir, checkpoint=checkpoint, device=device, image_root=image_root)
     if searcher.size:
         searcher.search(["a person"], top_k=1)  # warm-up: the first request is not the slow one
     app = create_app(searcher, max_query_chars=max_query_chars, max_k=max_k, max_batch=max_batch)

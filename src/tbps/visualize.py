@@ -129,7 +129,7 @@ def rank_dataset_queries(checkpoint: str | os.PathLike, dataset: str | None = No
 
 def rank_index_queries(index_dir: str | os.PathLike, queries: Sequence[str], top_k: int = 5,
                        checkpoint: str | os.PathLike | None = None, rerank: bool = True,
-                       device: str = "auto") -> list[RankedQuery]:
+                       device: str = "auto", image_root: str | os.PathLike | None = None) -> list[RankedQuery]:
     """Rank a persistent index (``tbps index``) for ``queries``; identities are unknown there."""
     from tbps.search import Searcher
 
@@ -137,7 +137,7 @@ def rank_index_queries(index_dir: str | os.PathLike, queries: Sequence[str], top
     texts = _clean_queries(queries)
     if not texts:
         raise TBPSError("give at least one query to search the index for")
-    searcher = Searcher(index_dir, checkpoint=checkpoint, device=device)
+    searcher = Searcher(index_dir, checkpoint=checkpoint, device=device, image_root=image_root)
     results = searcher.search(texts, top_k=top_k, rerank=rerank)
     gallery = f"index {index_dir} ({searcher.size:,} images)"
     return [RankedQuery(text=text, hits=[Hit(rank=int(r["rank"]), path=str(r["path"]), score=float(r["score"]))
@@ -228,7 +228,8 @@ def visualize(out: str | os.PathLike, *, checkpoint: str | os.PathLike | None = 
               index: str | os.PathLike | None = None, dataset: str | None = None,
               root: str | os.PathLike | None = None, split: str = "test", queries: Sequence[str] = (),
               num_queries: int = 4, top_k: int = 5, seed: int = 0, rerank: bool = True,
-              device: str = "auto", progress: bool = True) -> list[RankedQuery]:
+              device: str = "auto", progress: bool = True,
+              image_root: str | os.PathLike | None = None) -> list[RankedQuery]:
     """Rank (from an index if ``index`` is given, else from a dataset split) and draw to ``out``."""
     if index is not None:
         if dataset is not None or root is not None:
@@ -236,9 +237,11 @@ def visualize(out: str | os.PathLike, *, checkpoint: str | os.PathLike | None = 
         if not queries:
             raise TBPSError("searching an index needs the queries on the command line")
         ranked = rank_index_queries(index, queries, top_k=top_k, checkpoint=checkpoint, rerank=rerank,
-                                    device=device)
+                                    device=device, image_root=image_root)
         title = f"{ranked[0].gallery}: top {top_k} (identities unknown: grey frames)"
     else:
+        if image_root is not None:
+            raise TBPSError("--image-root goes with --index (a dataset's images are under --root)")
         if checkpoint is None:
             raise TBPSError("give --checkpoint (with --dataset/--root, or the checkpoint's own dataset), or --index")
         ranked = rank_dataset_queries(checkpoint, dataset=dataset, root=root, split=split, queries=queries or None,

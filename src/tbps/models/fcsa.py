@@ -70,7 +70,8 @@ class FCSAOptions(IRRAOptions):
     IRRA's keys are accepted because recipes inherit ``base.yaml``: ``cross_width`` / ``cross_heads``
     size both cross-modal blocks, ``cross_layers`` is the text side's transformer depth (FCSA: 2),
     ``mlm_activation`` the MLM head's and ``cmpm_label_norm`` CMPM's; ``mlm_prob`` and the 80/10/10
-    fractions are unused (FCSA masks ``text_mask_ratio`` of the tokens, all with the mask token).
+    fractions do not apply (FCSA masks ``text_mask_ratio`` of the tokens, all with the mask token), so
+    a value other than IRRA's default is an error rather than silently ignored.
     """
 
     cross_layers: int = 2  # transformer blocks after the text side's cross-attention (FCSA: 2)
@@ -95,6 +96,11 @@ class FCSAOptions(IRRAOptions):
         if self.mask_global_text:
             raise TBPSError("method.mask_global_text is IRRA's reference-bug switch; FCSA never masks the "
                             "captions of the global losses")
+        for name in ("mlm_prob", "mlm_mask_frac", "mlm_random_frac"):
+            default = IRRAOptions.__dataclass_fields__[name].default
+            if getattr(self, name) != default:
+                raise TBPSError(f"method.{name}={getattr(self, name)}: IRRA's MLM option does not apply to FCSA, "
+                                f"which masks method.text_mask_ratio of the tokens with the mask token")
 
 
 # ----------------------------------------------------------------------------- SGMM pieces

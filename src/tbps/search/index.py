@@ -2,8 +2,10 @@
 
 An index is a folder::
 
-    manifest.json                  format, model fingerprint, checkpoint, config, feature shapes, shards
-    shards/shard-000000.paths.json image paths of the shard's rows, in row order
+    manifest.json                  format, model fingerprint, checkpoint, config, feature shapes, shards,
+                                   image_root (the gallery folder)
+    shards/shard-000000.paths.json image paths of the shard's rows, in row order: relative to
+                                   image_root when inside it (absolute otherwise)
     shards/shard-000000.<key>.npy  (rows, ...) for every tensor ``embed_images`` returns (float32;
                                    a bool or integer tensor keeps its type)
     ann.faiss, ann.json            the FAISS first stage, when one is used (see ``tbps.search.ann``)
@@ -14,6 +16,10 @@ killed run leaves a consistent index and the next run embeds only what no comple
 The same mechanism appends: images already in the index are never embedded again. Shards are
 immutable and opened with ``np.load(mmap_mode="r")`` (as clip-retrieval does), so a gallery larger
 than memory can be searched.
+
+Paths inside the gallery folder are stored relative to it, so a gallery that moves (another disk,
+another machine) is searched with ``image_root`` pointed at its new place (``tbps search/serve
+--image-root``) instead of being indexed again.
 
 The index records the model's fingerprint: a SHA-256 of every weight (names, shapes, dtypes, bytes)
 and of the preprocessing that shapes the embeddings (image size, tokenizer, text length). It is
@@ -46,7 +52,7 @@ from tbps.io import atomic_path, write_text_atomic
 log = logging.getLogger(__name__)
 
 FORMAT = "tbps-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: paths relative to the manifest's image_root
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 DEFAULT_SHARD_SIZE = 2048
@@ -122,15 +128,36 @@ def read_manifest(index_dir: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def gallery_root(images: str | os.PathLike, listed: Sequence[str]) -> str:
+    """The folder an index stores its paths relative to: the gallery folder itself, or for a list
+    file the deepest folder holding every listed image."""
+    images = Path(images)
+    if images.is_dir():
+        return str(images.resolve())
+    return os.path.commonpath([os.path.dirname(p) for p in listed])
+
+
+def relative_to_root(path: str, root: str) -> str:
+    """``path`` relative to ``root`` when it lies inside it, else unchanged (absolute)."""
+    relative = os.path.relpath(path, root)
+    return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
 class GalleryIndex:
     """Read side of an index folder: paths, per-shard memory-mapped features, rows by gallery index.
 
+    ``paths`` are absolute: the stored relative ones joined to ``image_root``, which is the gallery
+    folder recorded at indexing time unless ``image_root`` is given (the gallery has moved).
     Needs no model; ``Searcher`` adds the model and the two search stages.
     """
 
-    def __init__(self, index_dir: str | os.PathLike) -> None:
+    def __init__(self, index_dir: str | os.PathLike, image_root: str | os.PathLike | None = None) -> None:
         self.root = Path(index_dir)
         self.manifest = read_manifest(self.root)
+        recorded = self.manifest.get("image_root")  # absent in version 1: every stored path is absolute
+        if image_root is not None and not Path(image_root).is_dir():
+            raise TBPSError(f"{image_root}: image root is not a folder")
+        self.image_root = Path(image_root).resolve() if image_root is not None else Path(recorded or os.sep)
         self.fingerprint: str = self.manifest["fingerprint"]
         self.feature_shapes: dict[str, list[int]] = {k: list(v["shape"]) for k, v in self.manifest["features"].items()}
         self.feature_dtypes: dict[str, np.dtype] = {k: np.dtype(v.get("dtype", "float32"))
@@ -142,7 +169,7 @@ class GalleryIndex:
             shard_paths = json.loads((self.root / SHARDS / f"{shard['name']}.paths.json").read_text(encoding="utf-8"))
             if len(shard_paths) != rows:
                 raise TBPSError(f"{self.root}: shard {shard['name']} lists {len(shard_paths)} paths for {rows} rows")
-            self.paths.extend(shard_paths)
+            self.paths.extend(str(self.image_root / p) for p in shard_paths)
             for key, shape in self.feature_shapes.items():
                 array = np.load(self.root / SHARDS / f"{shard['name']}.{key}.npy", mmap_mode="r")
                 if list(array.shape) != [rows, *shape]:
@@ -286,8 +313,9 @@ def build_index(checkpoint: str | os.PathLike, images: str | os.PathLike, out: s
     if not Path(checkpoint).is_file():  # before the index folder is created
         raise TBPSError(f"{checkpoint}: checkpoint not found")
     with _writer_lock(root):
-        return _build_locked(checkpoint, listed, root, existing, batch_size=batch_size, device=device,
-                             num_workers=num_workers, progress=progress, backend=backend, shard_size=shard_size)
+        return _build_locked(checkpoint, listed, gallery_root(images, listed), root, existing,
+                             batch_size=batch_size, device=device, num_workers=num_workers, progress=progress,
+                             backend=backend, shard_size=shard_size)
 
 
 @contextlib.contextmanager
@@ -310,8 +338,8 @@ def _writer_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _build_locked(checkpoint: str | os.PathLike, listed: list[str], root: Path, existing: bool, *, batch_size: int,
-                  device: str, num_workers: int | None, progress: bool, backend: str,
+def _build_locked(checkpoint: str | os.PathLike, listed: list[str], image_root: str, root: Path, existing: bool, *,
+                  batch_size: int, device: str, num_workers: int | None, progress: bool, backend: str,
                   shard_size: int) -> dict[str, Any]:
     from tbps.data.transforms import build_image_transform
     from tbps.engine.checkpoint import load_model_from_checkpoint
@@ -326,6 +354,8 @@ def _build_locked(checkpoint: str | os.PathLike, listed: list[str], root: Path, 
         if manifest["fingerprint"] != fingerprint:
             raise TBPSError(f"{root}: built by another model (fingerprint {manifest['fingerprint'][:12]}, "
                             f"{checkpoint} has {fingerprint[:12]}); index into a new folder")
+        if "image_root" not in manifest:  # format 1 stored absolute paths: they stay valid under "/"
+            manifest.update(version=FORMAT_VERSION, image_root=os.sep)
         done = set(GalleryIndex(root).paths)
         manifest["checkpoint"] = str(Path(checkpoint).resolve())  # the same weights, maybe moved: search finds them
         if backend != "auto" or "backend" not in manifest:
@@ -333,7 +363,8 @@ def _build_locked(checkpoint: str | os.PathLike, listed: list[str], root: Path, 
     else:
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint,
                     "model": cfg.model.name, "checkpoint": str(Path(checkpoint).resolve()),
-                    "config": cfg.to_dict(), "features": {}, "shards": [], "size": 0, "backend": backend,
+                    "config": cfg.to_dict(), "image_root": image_root, "features": {}, "shards": [], "size": 0,
+                    "backend": backend,
                     "created": _now(), "tbps_version": __version__}
         done = set()
         (root / SHARDS).mkdir(parents=True, exist_ok=True)
@@ -371,7 +402,7 @@ def _build_locked(checkpoint: str | os.PathLike, listed: list[str], root: Path, 
         if manifest["features"] and manifest["features"] != shapes:
             raise TBPSError(f"{root}: the model returned features {shapes}, the index holds {manifest['features']}")
         name = f"shard-{len(manifest['shards']):06d}"
-        _write_shard(root, name, kept, features)
+        _write_shard(root, name, [relative_to_root(p, manifest["image_root"]) for p in kept], features)
         manifest["features"] = shapes
         manifest["shards"].append({"name": name, "rows": len(kept)})
         manifest["size"] = int(manifest["size"]) + len(kept)

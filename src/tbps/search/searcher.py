@@ -11,6 +11,7 @@ weights have the index's fingerprint: embeddings of two models are not comparabl
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -24,24 +25,31 @@ from tbps.search.ann import FaissIndex, ensure_ann, exact_topk, resolve_backend
 from tbps.search.index import GalleryIndex, model_fingerprint
 from tbps.search.rerank import has_fine_similarity, rerank as rerank_shortlists
 
+log = logging.getLogger(__name__)
+
 QUERY_BATCH = 256
 
 
 class Searcher:
     """Search an index folder by text. ``search(["a woman in a red coat"])`` -> ranked results.
 
-    Attributes: ``paths`` (gallery image paths, row order), ``size``, ``model_name``, ``has_rerank``
+    ``image_root``: where the gallery lives now, when it has moved since ``tbps index`` (the index
+    stores paths relative to the gallery folder). Attributes: ``paths`` (gallery image paths, row order), ``size``, ``model_name``, ``has_rerank``
     (the method re-ranks the shortlist), ``backend`` (exact | faiss-hnsw | faiss-ivf, resolved),
     ``last_timing`` (seconds of the last search per stage: ``embed``, ``shortlist``, ``rerank``).
     """
 
     def __init__(self, index_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-                 device: str = "auto", backend: str | None = None) -> None:
+                 device: str = "auto", backend: str | None = None,
+                 image_root: str | os.PathLike | None = None) -> None:
         from tbps.engine.checkpoint import load_model_from_checkpoint
         from tbps.engine.distributed import resolve_device
 
-        self.index = GalleryIndex(index_dir)
+        self.index = GalleryIndex(index_dir, image_root=image_root)
         manifest = self.index.manifest
+        if self.index.size and not Path(self.index.paths[0]).is_file():
+            log.warning("%s: gallery image %s is missing; if the gallery has moved, pass its new folder as "
+                        "the image root (--image-root)", index_dir, self.index.paths[0])
         checkpoint = Path(checkpoint if checkpoint is not None else manifest["checkpoint"])
         if not checkpoint.is_file():
             raise TBPSError(f"{checkpoint}: the index's model checkpoint is not found (pass the checkpoint "
