@@ -151,7 +151,9 @@ def run(args: argparse.Namespace) -> None:
         data_root = ensure_data()
     with cpu_slot(name):
         out = RUNS / name
-        row = {"name": name, "overrides": list(args.overrides), "epochs": EPOCHS, "seed": SEED, "data": DATA,
+        epochs = [o.split("=", 1)[1] for o in args.overrides if o.startswith("train.epochs=")]
+        row = {"name": name, "overrides": list(args.overrides), "epochs": int(epochs[-1]) if epochs else EPOCHS,
+               "seed": SEED, "data": DATA,
                "commit": _git_commit(), "date": datetime.date.today().isoformat()}
         if args.config:
             if out.exists():

@@ -4,6 +4,7 @@ training step and retrieval hooks, and the attention figure."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from tbps.config import Config
 from tbps.errors import TBPSError
 from tbps.losses import CMR_COMMONALITY, cmr_loss, cmr_margins, cmr_pair_margins, part_similarities, ranking_loss
 from tbps.models import METHODS, build_model
-from tbps.models.pcc import PCC, PCCOptions, pool_stripes, stripe_bounds
+from tbps.models.pcc import PCC, PartClassifier, PCCOptions, pool_stripes, stripe_bounds
 from tbps.models.resnet import build_resnet, load_resnet_weights, resnet_grid
 from tiny_models import tiny_config as base_config
 
@@ -312,6 +313,26 @@ def test_ablations_build_only_their_branches(tokenizer):
     assert 0 <= float(out["cmr_margin_min"]) <= float(out["cmr_margin_mean"]) <= float(out["cmr_margin_max"]) <= 0.2 + 1e-6
     with pytest.raises(TBPSError, match="cmr_commonality"):
         PCCOptions(cmr_commonality="global")
+
+
+def test_per_part_classifiers_classify_each_part_with_its_own_weights(tokenizer):
+    g = torch.Generator().manual_seed(6)
+    head = PartClassifier(3, 8, 5)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(3, 5, 8, generator=g))
+        head.bias.copy_(torch.randn(3, 5, generator=g))
+    x = torch.randn(4, 3, 8, generator=g)
+    expected = torch.stack([x[:, k] @ head.weight[k].t() + head.bias[k] for k in range(3)], dim=1)
+    assert torch.allclose(head(x), expected, atol=1e-6)
+    model = build_model(tiny_config(part_classifier="per_part"), num_classes=4, tokenizer=tokenizer)
+    assert isinstance(model.classifier_fine, PartClassifier) and isinstance(model.classifier_coarse, PartClassifier)
+    assert isinstance(model.classifier_global, torch.nn.Linear)
+    out = model(batch(tokenizer))
+    sum(v for k, v in out.items() if k.startswith("loss_")).backward()
+    assert model.classifier_fine.weight.grad[1].abs().sum() > 0  # every part's classifier learns
+    assert float(out["loss_id_fine"].detach()) == pytest.approx(math.log(4), abs=0.05)  # near-zero init: chance
+    with pytest.raises(TBPSError, match="part_classifier"):
+        PCCOptions(part_classifier="pcb")
 
 
 def test_batchnorm_neck_spreads_embeddings(tokenizer):

@@ -18,7 +18,7 @@ Three levels of embeddings per image and per caption, all in one joint width D:
 
 Losses (``cfg.loss`` weights ``id``, ``rank``, ``cmr``; the paper's split): global and coarse get an
 ID loss (one identity classifier per level, shared by both modalities and, for parts, by the K
-parts) and a ranking loss (``tbps.losses.ranking_loss``: hardest-negative, both directions; the
+parts; ``method.part_classifier=per_part`` gives each part its own, as PCB) and a ranking loss (``tbps.losses.ranking_loss``: hardest-negative, both directions; the
 coarse similarity is the mean of the K part cosines); fine gets an ID loss and **CMR**.
 
 CMR, commonality-based margin ranking: the paper's exact formula is not in our sources (we
@@ -99,6 +99,7 @@ class PCCOptions:
     cmr_commonality: str = "batch"  # "batch": one margin a part (methods.md); "pair": a part and negative pair
     rank_negatives: str = "hardest"  # ranking and CMR against the "hardest" negative or the mean over "all"
     embedding_norm: str = "bn"  # "bn": BatchNorm1d on every embedding (PCB / BNNeck habit); "none"
+    part_classifier: str = "shared"  # ID classifier of the part levels: one "shared" by the K parts, or "per_part" (PCB)
     coarse: bool = True  # build and train the coarse branch (false: the "without coarse" ablation)
     fine: bool = True  # build and train the fine branch (false: the "without fine" ablation)
     inference_weights: dict[str, float] = field(default_factory=dict)  # {global, coarse, fine}; unset = 1 if trained
@@ -118,6 +119,8 @@ class PCCOptions:
             raise TBPSError(f"method.rank_negatives={self.rank_negatives!r}: choose hardest or all")
         if self.cmr_commonality not in CMR_COMMONALITY:
             raise TBPSError(f"method.cmr_commonality={self.cmr_commonality!r}: choose {' or '.join(CMR_COMMONALITY)}")
+        if self.part_classifier not in ("shared", "per_part"):
+            raise TBPSError(f"method.part_classifier={self.part_classifier!r}: choose shared or per_part")
         if self.stripe_pooling not in ("max", "avg"):
             raise TBPSError(f"method.stripe_pooling={self.stripe_pooling!r}: choose max or avg")
         if self.rank_margin < 0 or self.cmr_margin < 0:
@@ -167,6 +170,22 @@ def masked_max(tokens: Tensor, mask: Tensor) -> Tensor:
     """Max over the real tokens: ``(B, L, D)``, ``(B, L)`` bool -> ``(B, D)``."""
     lowest = torch.finfo(tokens.dtype).min
     return tokens.masked_fill(~mask.unsqueeze(-1), lowest).amax(dim=1)
+
+
+class PartClassifier(nn.Module):
+    """K identity classifiers, one per part, applied in one batched product: ``(B, K, D) -> (B, K, C)``.
+
+    PCB's habit: each stripe has to identify the person on its own, with its own class weights (a
+    head stripe and a shoe stripe need not map a person to the same vector).
+    """
+
+    def __init__(self, parts: int, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(parts, num_classes, dim) * 0.001)
+        self.bias = nn.Parameter(torch.zeros(parts, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.einsum("bkd,kcd->bkc", x, self.weight) + self.bias
 
 
 class PartDecoderLayer(nn.Module):
@@ -284,12 +303,14 @@ class PCC(TBPSModel):
                 raise TBPSError(f"the ID loss needs training identities, got num_classes={num_classes}")
             self.classifier_global = self._classifier(dim, num_classes)
             if opts.coarse:
-                self.classifier_coarse = self._classifier(dim, num_classes)
+                self.classifier_coarse = self._classifier(dim, num_classes, opts)
             if opts.fine:
-                self.classifier_fine = self._classifier(dim, num_classes)
+                self.classifier_fine = self._classifier(dim, num_classes, opts)
 
     @staticmethod
-    def _classifier(dim: int, num_classes: int) -> nn.Linear:
+    def _classifier(dim: int, num_classes: int, parts: PCCOptions | None = None) -> nn.Module:
+        if parts is not None and parts.part_classifier == "per_part":
+            return PartClassifier(parts.num_parts, dim, num_classes)
         layer = nn.Linear(dim, num_classes)
         nn.init.normal_(layer.weight, std=0.001)
         nn.init.zeros_(layer.bias)
@@ -401,13 +422,14 @@ class PCC(TBPSModel):
         return score / sum(weights.values())
 
     # ------------------------------------------------------------------ training
-    def _id(self, classifier: nn.Linear, image: Tensor, text: Tensor, pids: Tensor) -> tuple[Tensor, Tensor]:
-        """ID loss of (B, D) or (B, K, D) features (parts share the classifier) and image accuracy."""
-        if image.dim() == 3:
-            parts = image.shape[1]
-            image, text = image.flatten(0, 1), text.flatten(0, 1)
-            pids = pids.repeat_interleave(parts)
+    def _id(self, classifier: nn.Module, image: Tensor, text: Tensor, pids: Tensor) -> tuple[Tensor, Tensor]:
+        """ID loss of (B, D) or (B, K, D) features (parts: one shared classifier, or one each) and
+        the image side's accuracy."""
         image_logits, text_logits = classifier(image.float()), classifier(text.float())
+        if image_logits.dim() == 3:  # (B, K, C): every part classifies its person
+            parts = image_logits.shape[1]
+            image_logits, text_logits = image_logits.flatten(0, 1), text_logits.flatten(0, 1)
+            pids = pids.repeat_interleave(parts)
         with torch.no_grad():
             accuracy = (image_logits.argmax(dim=1) == pids).float().mean()
         return id_loss(image_logits, text_logits, pids), accuracy
