@@ -34,7 +34,9 @@ class Searcher:
     """Search an index folder by text. ``search(["a woman in a red coat"])`` -> ranked results.
 
     ``image_root``: where the gallery lives now, when it has moved since ``tbps index`` (the index
-    stores paths relative to the gallery folder). Attributes: ``paths`` (gallery image paths, row order), ``size``, ``model_name``, ``has_rerank``
+    stores paths relative to the gallery folder).
+
+    Attributes: ``paths`` (gallery image paths, row order), ``size``, ``model_name``, ``has_rerank``
     (the method re-ranks the shortlist), ``backend`` (exact | faiss-hnsw | faiss-ivf, resolved),
     ``last_timing`` (seconds of the last search per stage: ``embed``, ``shortlist``, ``rerank``).
     """
