@@ -434,22 +434,30 @@ def read_clip_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, An
     return state, meta
 
 
-def _load_tower(tower: nn.Module, state: dict[str, Tensor], arch: str, where: str,
-                key_prefix: str = "") -> None:
-    """Strict load with one-line errors naming the architecture, the file's key and both shapes."""
-    expected = tower.state_dict()
+def check_state_dict(module: nn.Module, state: dict[str, Tensor], where: str, what: str,
+                     key_prefix: str = "") -> None:
+    """Refuse a weight file that does not fit ``module`` exactly, in one line naming the file
+    (``where``), the model (``what``, e.g. "architecture 'ViT-B/16'"), the key and both shapes:
+    a mis-shaped, missing or unexpected weight means the file holds another architecture."""
+    expected = module.state_dict()
     for key, param in expected.items():
         if key in state and tuple(state[key].shape) != tuple(param.shape):
-            raise TBPSError(f"{where}: does not fit architecture {arch!r}: {key_prefix}{key} has shape "
+            raise TBPSError(f"{where}: does not fit {what}: {key_prefix}{key} has shape "
                             f"{list(state[key].shape)} in the file but {list(param.shape)} in the model")
     missing = [k for k in expected if k not in state]
     if missing:
-        raise TBPSError(f"{where}: does not fit architecture {arch!r}: key {key_prefix + missing[0]!r} "
+        raise TBPSError(f"{where}: does not fit {what}: key {key_prefix + missing[0]!r} "
                         f"is missing from the file ({len(missing)} missing)")
     unexpected = [k for k in state if k not in expected]
     if unexpected:
-        raise TBPSError(f"{where}: does not fit architecture {arch!r}: unexpected key "
+        raise TBPSError(f"{where}: does not fit {what}: unexpected key "
                         f"{key_prefix + unexpected[0]!r} ({len(unexpected)} unexpected)")
+
+
+def _load_tower(tower: nn.Module, state: dict[str, Tensor], arch: str, where: str,
+                key_prefix: str = "") -> None:
+    """Strict load with one-line errors naming the architecture, the file's key and both shapes."""
+    check_state_dict(tower, state, where, f"architecture {arch!r}", key_prefix)
     tower.load_state_dict(state, strict=True)
 
 

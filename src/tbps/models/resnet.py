@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from tbps.errors import TBPSError
+from tbps.models.backbones import check_state_dict
 
 __all__ = ["RESNET_NAMES", "ResNetEncoder", "build_resnet", "load_resnet_weights", "resnet_grid"]
 
@@ -111,19 +112,7 @@ def load_resnet_weights(encoder: ResNetEncoder, path: str | Path) -> None:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TBPSError(f"{path}: cannot read a torch state dict ({msg[:200]})") from None
     state = {k: v for k, v in _unwrap(obj, path).items() if not k.startswith("fc.")}
-    expected = encoder.backbone.state_dict()
-    for key, value in state.items():
-        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-            raise TBPSError(f"{path}: {key} has shape {tuple(value.shape)} but {encoder.arch} expects "
-                            f"{tuple(expected[key].shape)} (weights of another ResNet?)")
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing:
-        raise TBPSError(f"{path}: {len(missing)} weights of {encoder.arch} are missing (e.g. {missing[0]}); "
-                        f"expected a torchvision {encoder.arch} state dict")
-    if unexpected:
-        raise TBPSError(f"{path}: {len(unexpected)} weights are not part of {encoder.arch} (e.g. {unexpected[0]}); "
-                        f"expected a torchvision {encoder.arch} state dict")
+    check_state_dict(encoder.backbone, state, str(path), f"torchvision {encoder.arch}")
     encoder.backbone.load_state_dict(state, strict=True)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from tbps.errors import TBPSError
-from tbps.models.backbones import _load_tensor_file
+from tbps.models.backbones import _load_tensor_file, check_state_dict
 
 __all__ = ["SwinBackbone", "build_swin", "read_swin_weights"]
 
@@ -88,24 +88,6 @@ class SwinBackbone(nn.Module):
         return {"stages": stages, "last": last.permute(0, 3, 1, 2)}  # timm keeps NHWC inside
 
 
-def _check_state(model: nn.Module, state: dict[str, Tensor], arch: str, where: str) -> dict[str, Tensor]:
-    expected = model.state_dict()
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # no classifier in tbps
-    for key, param in expected.items():
-        if key in state and tuple(state[key].shape) != tuple(param.shape):
-            raise TBPSError(f"{where}: does not fit Swin {arch!r}: {key} has shape {list(state[key].shape)} "
-                            f"in the file but {list(param.shape)} in the model")
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise TBPSError(f"{where}: does not fit Swin {arch!r}: key {missing[0]!r} is missing from the file "
-                        f"({len(missing)} missing)")
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        raise TBPSError(f"{where}: does not fit Swin {arch!r}: unexpected key {unexpected[0]!r} "
-                        f"({len(unexpected)} unexpected)")
-    return state
-
-
 def build_swin(arch: str, image_size: Sequence[int], weights: str = "", embed_dim: int = 0,
                depths: Sequence[int] = (), num_heads: Sequence[int] = (), window_size: int = 0,
                drop_path_rate: float = 0.1) -> SwinBackbone:
@@ -151,6 +133,7 @@ def build_swin(arch: str, image_size: Sequence[int], weights: str = "", embed_di
         except (RuntimeError, ValueError, KeyError, AttributeError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TBPSError(f"{weights}: does not fit Swin {arch!r} ({msg})") from None
-        state = _check_state(model, state, arch, str(weights))
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # no classifier in tbps
+        check_state_dict(model, state, str(weights), f"Swin {arch!r}")
         model.load_state_dict(state, strict=False)  # non-persistent buffers are rebuilt by timm
     return SwinBackbone(model, arch, size)
