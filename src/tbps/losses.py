@@ -86,6 +86,17 @@ def itc_loss(image_feats: Tensor, text_feats: Tensor, logit_scale: float | Tenso
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
+def _matching_target(pids: Tensor, dtype: torch.dtype, label_norm: str, loss: str) -> Tensor:
+    """CMPM's true matching distribution q: the same-identity matrix with each row normalised to
+    unit L1 ("l1", the CMPM paper) or L2 norm ("l2", the ACSA code)."""
+    labels = _same_identity(pids, dtype)
+    if label_norm == "l1":
+        return labels / labels.sum(dim=1, keepdim=True)
+    if label_norm == "l2":
+        return labels / labels.norm(dim=1, keepdim=True)
+    raise ValueError(f"{loss} label_norm must be 'l1' or 'l2', got {label_norm!r}")
+
+
 def cmpm_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor, logit_scale: float | Tensor = 1.0,
               label_norm: str = "l1", epsilon: float = 1e-8) -> Tensor:
     """Cross-modal projection matching (CMPM, Zhang & Lu, ECCV 2018).
@@ -102,13 +113,7 @@ def cmpm_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor, logit_scale
         L     = L_i2t + L_t2i
     """
     image_feats, text_feats = _full_precision(image_feats), _full_precision(text_feats)
-    labels = _same_identity(pids, image_feats.dtype)
-    if label_norm == "l1":
-        target = labels / labels.sum(dim=1, keepdim=True)
-    elif label_norm == "l2":
-        target = labels / labels.norm(dim=1, keepdim=True)
-    else:
-        raise ValueError(f"cmpm label_norm must be 'l1' or 'l2', got {label_norm!r}")
+    target = _matching_target(pids, image_feats.dtype, label_norm, "cmpm")
     image_proj_text = logit_scale * image_feats @ F.normalize(text_feats, dim=-1).t()
     text_proj_image = logit_scale * text_feats @ F.normalize(image_feats, dim=-1).t()
     return _matching_kl(image_proj_text, target, epsilon) + _matching_kl(text_proj_image, target, epsilon)
@@ -429,13 +434,7 @@ def cross_scale_loss(similarity: Tensor, pids: Tensor, logit_scale: float = 20.0
         L     = 1/B sum_i sum_j p_ij (log p_ij - log(q_ij + eps))
               + 1/B sum_j sum_i p'_ji (log p'_ji - log(q_ji + eps))
     """
-    labels = _same_identity(pids, torch.float32 if similarity.dtype in (torch.float16, torch.bfloat16)
-                            else similarity.dtype)
-    if label_norm == "l1":
-        target = labels / labels.sum(dim=1, keepdim=True)
-    elif label_norm == "l2":
-        target = labels / labels.norm(dim=1, keepdim=True)
-    else:
-        raise ValueError(f"cross-scale label_norm must be 'l1' or 'l2', got {label_norm!r}")
+    target = _matching_target(pids, torch.float32 if similarity.dtype in (torch.float16, torch.bfloat16)
+                              else similarity.dtype, label_norm, "cross-scale")
     logits = logit_scale * _full_precision(similarity)
     return _matching_kl(logits, target, epsilon) + _matching_kl(logits.t(), target, epsilon)

@@ -166,6 +166,15 @@ def _eval_mode(*modules: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
+def _least_similar(anchor: Tensor, candidates: Tensor, encode) -> Tensor:
+    """For each row, the candidate (``candidates`` (n, K, ...), encoded by ``encode``) whose feature
+    is least similar (cosine) to the row's ``anchor`` feature (n, D): the hardest positive."""
+    n, k = candidates.shape[:2]
+    feats = F.normalize(encode(candidates.flatten(0, 1)), dim=-1).view(n, k, -1)
+    pick = torch.einsum("nd,nkd->nk", F.normalize(anchor, dim=-1), feats).argmin(dim=1)
+    return candidates[torch.arange(n, device=pick.device), pick]
+
+
 # ----------------------------------------------------------------------------- the method
 
 @METHODS.register("fcsa")
@@ -221,20 +230,13 @@ class FCSA(IRRA):
         text_rows = ((draws >= rate) & (draws < 2 * rate)).nonzero().squeeze(1)
         with torch.no_grad(), _eval_mode(self.image_encoder, self.text_encoder):
             if image_rows.numel():
-                n, k = image_rows.numel(), pos_images.shape[1]
-                anchor = F.normalize(self.encode_text(token_ids[image_rows]), dim=-1)
-                candidates = pos_images[image_rows]
-                feats = F.normalize(self.encode_image(candidates.flatten(0, 1)), dim=-1).view(n, k, -1)
-                pick = torch.einsum("nd,nkd->nk", anchor, feats).argmin(dim=1)
-                images = images.index_copy(0, image_rows, candidates[torch.arange(n, device=pick.device), pick])
+                anchor = self.encode_text(token_ids[image_rows])
+                chosen = _least_similar(anchor, pos_images[image_rows], self.encode_image)
+                images = images.index_copy(0, image_rows, chosen)
             if text_rows.numel():
-                n, k = text_rows.numel(), pos_token_ids.shape[1]
-                anchor = F.normalize(self.encode_image(images[text_rows]), dim=-1)
-                candidates = pos_token_ids[text_rows]
-                feats = F.normalize(self.encode_text(candidates.flatten(0, 1)), dim=-1).view(n, k, -1)
-                pick = torch.einsum("nd,nkd->nk", anchor, feats).argmin(dim=1)
-                token_ids = token_ids.index_copy(0, text_rows,
-                                                 candidates[torch.arange(n, device=pick.device), pick])
+                anchor = self.encode_image(images[text_rows])
+                chosen = _least_similar(anchor, pos_token_ids[text_rows], self.encode_text)
+                token_ids = token_ids.index_copy(0, text_rows, chosen)
         return images, token_ids, image_rows, text_rows
 
     # ------------------------------------------------------------------ SGMM + CMRS, image side
