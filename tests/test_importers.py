@@ -513,3 +513,40 @@ def test_zero_shot_clip_forward_is_clip_contrastive_loss(tmp_path):
     out = model(batch)
     want = itc_loss(model.encode_image(batch["images"]), model.encode_text(batch["token_ids"]), 100.0)
     torch.testing.assert_close(out["loss_itc"], want)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_cli_import_then_index_and_search(tmp_path, capsys):
+    """tbps import writes a checkpoint the other commands take like any other."""
+    import json
+
+    from PIL import Image
+
+    from tbps.cli import main
+
+    path, config, _ = save_irra_checkpoint(tmp_path)
+    out = tmp_path / "models" / "irra.pt"
+    assert main(["import", "--from", "irra", str(path), "--config", str(config), "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "irra" and summary["dropped"] == 0 and out.is_file()
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (32, 96), colour).save(gallery / f"{i}.jpg")
+    assert main(["index", "--checkpoint", str(out), "--images", str(gallery), "--out", str(tmp_path / "index"),
+                 "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--index", str(tmp_path / "index"), "--json", "--top-k", "2", "a person in red"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 2 and {r["rank"] for r in results} == {1, 2}
+
+
+def test_cli_import_errors_are_one_line(tmp_path, capsys):
+    from tbps.cli import main
+
+    foreign = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3)}, foreign)
+    assert main(["import", "--from", "irra", str(foreign), "--out", str(tmp_path / "m.pt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tbps: error: ") and "\n" not in err and "resnet.pth" in err
