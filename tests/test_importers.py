@@ -550,3 +550,42 @@ def test_cli_import_errors_are_one_line(tmp_path, capsys):
     assert main(["import", "--from", "irra", str(foreign), "--out", str(tmp_path / "m.pt")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("tbps: error: ") and "\n" not in err and "resnet.pth" in err
+
+
+# ----------------------------------------------------------------------------- the CLIP mask id
+
+def _tiny_irra(tokenizer_name: str):
+    from tiny_models import tiny_config
+
+    from tbps.models import build_model
+
+    cfg = tiny_config("irra", {"sdm": 1.0, "irr": 1.0, "id": 1.0}, {}, length=16)
+    cfg.data.tokenizer = tokenizer_name
+    torch.manual_seed(0)
+    return cfg, build_model(cfg, 3, build_tokenizer(tokenizer_name, 16)).eval()
+
+
+def test_new_checkpoints_have_irras_vocabulary():
+    _, model = _tiny_irra("clip")
+    assert model.text_encoder.backbone.token_embedding.weight.shape[0] == 49408
+    assert model.mlm_head.fc.out_features == 49408 and model.mask_id == 49405
+
+
+def test_old_checkpoint_with_49409_rows_still_loads_and_embeds_the_same(tmp_path):
+    """Checkpoints saved before the mask took id 49405 say ``tokenizer: clip`` but have 49,409 rows."""
+    from tbps.engine.checkpoint import save_checkpoint
+
+    cfg, old = _tiny_irra("clip-legacy")
+    assert old.text_encoder.backbone.token_embedding.weight.shape[0] == 49409
+    cfg.data.tokenizer = "clip"  # what an old checkpoint's config holds
+    save_checkpoint(tmp_path / "old.pt", model=old, cfg=cfg, num_classes=3)
+    model, loaded_cfg, tokenizer = load_model_from_checkpoint(tmp_path / "old.pt")
+    assert (tokenizer.name, tokenizer.mask_id, tokenizer.vocab_size) == ("clip-legacy", 49408, 49409)
+    assert loaded_cfg.data.tokenizer == "clip-legacy"
+    ids = tokenizer(CAPTIONS)
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed_texts(ids)["global"], old.embed_texts(ids)["global"])
+    # a new checkpoint is left alone
+    cfg_new, new = _tiny_irra("clip")
+    save_checkpoint(tmp_path / "new.pt", model=new, cfg=cfg_new, num_classes=3)
+    assert load_model_from_checkpoint(tmp_path / "new.pt")[2].name == "clip"
