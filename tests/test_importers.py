@@ -589,3 +589,19 @@ def test_old_checkpoint_with_49409_rows_still_loads_and_embeds_the_same(tmp_path
     cfg_new, new = _tiny_irra("clip")
     save_checkpoint(tmp_path / "new.pt", model=new, cfg=cfg_new, num_classes=3)
     assert load_model_from_checkpoint(tmp_path / "new.pt")[2].name == "clip"
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336", "RN50", "RN101"])
+def test_published_clip_architectures_are_recognised_from_shapes(name):
+    """Shapes only (meta tensors): IRRA's ViT-B/16, TextReID's RN50/RN101, the usual CLIPs."""
+    from tbps.importers import infer_clip_arch
+
+    cfg = get_arch_config(name)
+    with torch.device("meta"):
+        state = open_clip.model.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]).state_dict()
+    vit = "visual.proj" in state
+    pos = state["visual.positional_embedding" if vit else "visual.attnpool.positional_embedding"]
+    native = int(round((pos.shape[0] - 1) ** 0.5)) * (int(state["visual.conv1.weight"].shape[-1]) if vit else 32)
+    assert infer_clip_arch(state, native_size=native) == name
+    if not vit:  # TextReID's files hold the image tower only
+        assert infer_clip_arch({k: v for k, v in state.items() if k.startswith("visual.")}, text=False) == name
