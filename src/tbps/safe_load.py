@@ -100,11 +100,11 @@ def load_torch_file(path: str | Path, what: str = "PyTorch file") -> Any:
         match = _GLOBAL_PATTERN.search(str(exc))
         if match:
             raise TBPSError(refusal_message(path, match.group(1))) from None
-        raise TBPSError(f"{path}: not a readable {what} ({_first_line(exc)})") from None
+        raise TBPSError(f"{path}: cannot read a {what} ({_first_line(exc)})") from None
     except (KeyError, EOFError):  # the unpickler read bytes that are no pickle at all
-        raise TBPSError(f"{path}: not a {what} (not a PyTorch-saved file)") from None
+        raise TBPSError(f"{path}: cannot read a {what} (not a file written by torch.save)") from None
     except Exception as exc:  # truncated archive, unsupported content
-        raise TBPSError(f"{path}: not a readable {what} ({_first_line(exc)})") from None
+        raise TBPSError(f"{path}: cannot read a {what} ({_first_line(exc)})") from None
 
 
 def load_npy(path: str | Path, what: str = "NumPy array") -> np.ndarray:
@@ -117,9 +117,9 @@ def load_npy(path: str | Path, what: str = "NumPy array") -> np.ndarray:
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise TBPSError(refusal_message(path, "numpy object array")) from None
-        raise TBPSError(f"{path}: not a readable {what} ({_first_line(exc)})") from None
+        raise TBPSError(f"{path}: cannot read a {what} ({_first_line(exc)})") from None
     except Exception as exc:
-        raise TBPSError(f"{path}: not a readable {what} ({_first_line(exc)})") from None
+        raise TBPSError(f"{path}: cannot read a {what} ({_first_line(exc)})") from None
 
 
 class _TupleSafeLoader(yaml.SafeLoader):
