@@ -605,3 +605,28 @@ def test_published_clip_architectures_are_recognised_from_shapes(name):
     assert infer_clip_arch(state, native_size=native) == name
     if not vit:  # TextReID's files hold the image tower only
         assert infer_clip_arch({k: v for k, v in state.items() if k.startswith("visual.")}, text=False) == name
+
+
+def test_zero_shot_clip_from_a_hugging_face_folder(tmp_path):
+    """The same import from a Hugging Face CLIP folder (QuickGELU, keys renamed) embeds as transformers."""
+    from transformers import CLIPConfig, CLIPModel
+
+    common = dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4,
+                  hidden_act="quick_gelu")
+    config = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, eos_token_id=49407,
+                                         bos_token_id=49406, pad_token_id=0, **common),
+                        vision_config=dict(image_size=64, patch_size=16, **common), projection_dim=128)
+    torch.manual_seed(1)
+    hf = CLIPModel(config).eval()
+    hf.save_pretrained(tmp_path / "hf-clip")
+    summary = import_checkpoint("clip", tmp_path / "hf-clip", tmp_path / "z.pt")
+    assert (summary["arch"], summary["image_size"]) == ("tiny-vit", [64, 64])
+    images = torch.randn(2, 3, 64, 64)
+    image_feats, text_feats, _ = _tbps_embeddings(tmp_path / "z.pt", images)
+    ids = build_tokenizer("clip", 77)(CAPTIONS)
+    with torch.no_grad():
+        want_image, want_text = hf.get_image_features(pixel_values=images), hf.get_text_features(input_ids=ids)
+    want_image = want_image if isinstance(want_image, torch.Tensor) else want_image.pooler_output
+    want_text = want_text if isinstance(want_text, torch.Tensor) else want_text.pooler_output
+    torch.testing.assert_close(image_feats, F.normalize(want_image, dim=-1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(text_feats, F.normalize(want_text, dim=-1), atol=1e-5, rtol=1e-4)
