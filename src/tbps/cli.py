@@ -393,9 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "  clip      CLIP weights (OpenAI .pt, open_clip file, Hugging Face folder) -> clip,\n"
                        "            zero-shot retrieval with CLIP's own towers and tokenizer",
                        epilog="examples:\n"
-                       "  tbps import --from irra logs/CUHK-PEDES/iira/best.pth --config logs/CUHK-PEDES/iira/configs.yaml \\\n"
-                       "      --out models/irra_cuhk.pt\n"
-                       "  tbps import --from textreid best.pth --vocab datasets/cuhkpedes/clip_vocab_vit.npy --out models/textreid.pt\n"
+                       "  tbps import --from irra iira/best.pth --config iira/configs.yaml --out models/irra_cuhk.pt\n"
+                       "  tbps import --from textreid best.pth --vocab cuhkpedes/clip_vocab_vit.npy \\\n"
+                       "      --out models/textreid.pt\n"
                        "  tbps import --from clip ViT-B-16.pt --out models/clip_zeroshot.pt")
     p.add_argument("--from", dest="source", required=True, choices=["irra", "textreid", "clip"],
                    help="the project the file comes from")

@@ -268,7 +268,8 @@ def _read_textreid_split(path: Path) -> list:
     except UnicodeDecodeError as exc:
         raise TBPSError(f"{path}: not valid JSON (not UTF-8 text: {exc.reason})") from None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        found = f"a JSON {_json_type(data)}" if not isinstance(data, dict) else "an object without an 'annotations' list"
+        found = (f"a JSON {_json_type(data)}" if not isinstance(data, dict)
+                 else "an object without an 'annotations' list")
         raise TBPSError(f"{path}: expected {{\"annotations\": [...]}} (TextReID's layout), found {found}")
     return data["annotations"]
 

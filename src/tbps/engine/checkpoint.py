@@ -98,7 +98,9 @@ def _keep_legacy_clip_tokenizer(ckpt: dict[str, Any]) -> None:
     exactly as before."""
     data = ckpt["config"].get("data") if isinstance(ckpt.get("config"), dict) else None
     state = ckpt.get("model")
-    if not isinstance(data, dict) or str(data.get("tokenizer", "clip")).lower() != "clip" or not isinstance(state, dict):
+    if not isinstance(data, dict) or not isinstance(state, dict):
+        return
+    if str(data.get("tokenizer", "clip")).lower() != "clip":
         return
     if any(key.endswith(_VOCAB_TABLES) and isinstance(value, torch.Tensor) and value.ndim >= 1
            and value.shape[0] == _LEGACY_CLIP_VOCAB for key, value in state.items()):

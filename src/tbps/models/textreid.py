@@ -75,7 +75,8 @@ class TextReIDOptions:
     align_beta: float = 0.4  # global alignment: negative margin
     align_scale_pos: float = 10.0
     align_scale_neg: float = 40.0
-    word_embeddings: str = ""  # frozen word table: a .npy (TextReID's clip_vocab_vit.npy) or CLIP weights; "" = model.pretrained's
+    # frozen word table: a .npy (TextReID's clip_vocab_vit.npy) or CLIP weights; "" = model.pretrained's
+    word_embeddings: str = ""
 
     def __post_init__(self) -> None:
         if self.gru_hidden < 1 or self.gru_layers < 1:
