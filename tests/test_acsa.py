@@ -337,17 +337,14 @@ def test_channel_regions_are_the_authors_chunks_of_the_global_vector(tokenizer):
         linear = regions.heads[k][0]
         want = F.relu(chunks[:, a:b].reshape(3, -1) @ linear.weight.t() + linear.bias)
         torch.testing.assert_close(regions(x)[:, k], want)
-    with pytest.raises(TBPSError, match="divisible by 6"):
-        ChannelRegions(32)
-    cfg = acsa_config(regions="channel")
-    cfg.model.embed_dim = 48
-    model = build_model(cfg, 2, tokenizer)
+    assert ChannelRegions(32).spans == [(0, 10), (5, 16), (16, 26), (26, 32)]  # bounds floor(k * 32 / 6)
+    model = build_model(acsa_config(regions="channel"), 2, tokenizer)
     assert model.image_encoder.region_proj is None
     out = model(_batch(tokenizer))
     sum(v for k, v in out.items() if k.startswith("loss_")).backward()
     assert model.channel_regions.heads[0][0].weight.grad.abs().sum() > 0
     with torch.no_grad():
-        assert model.eval().embed_images(_batch(tokenizer)["images"])["scale_query"].shape == (4, 1 + 4 + 4, 48)
+        assert model.eval().embed_images(_batch(tokenizer)["images"])["scale_query"].shape == (4, 1 + 4 + 4, 32)
     with pytest.raises(TBPSError, match="num_regions=4"):
         build_model(acsa_config(regions="channel", num_regions=3), 2, tokenizer)
 

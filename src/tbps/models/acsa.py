@@ -14,7 +14,7 @@ where both are silent, our choice, named as such):
   ``Model.forward``): the bottlenecked global vector goes through a residual block
   (Linear-BN-ReLU-Linear-BN, + input, ReLU), is cut into 6 channel chunks, and head / upper body /
   lower body / feet are chunks 1-2 / 2-3 / 4-5 / 6, each through Linear + ReLU + Dropout(0.5) to D
-  (``ChannelRegions``; needs ``num_regions: 4`` and D divisible by 6). Encoders: timm's Swin (``models/swin.py``,
+  (``ChannelRegions``; needs ``num_regions: 4``). Encoders: timm's Swin (``models/swin.py``,
   ``model.image_backbone: swin_*``), or a CLIP ViT (``model.image_backbone: ViT-B-16`` etc.), whose
   last layer's patch tokens give the regions and an intermediate layer (``clip_window_layer``) the
   windows, its CLS token the global feature.
@@ -342,29 +342,29 @@ class ChannelRegions(nn.Module):
     """The authors' regions (``regions: channel``): four views of the global vector's channels.
 
     ``x`` (B, D) -> ``r = ReLU(x + BN(W2 ReLU(BN(W1 x))))`` (their ``BasicBlock`` on a 1x1 map, where
-    a padded 3x3 convolution is a bias-free Linear), cut into six chunks c1..c6 of D/6 channels;
-    head = (c1, c2), upper body = (c2, c3), lower body = (c4, c5), feet = c6, each through its own
-    Linear + ReLU + Dropout(0.5) back to D. Returns (B, 4, D).
+    a padded 3x3 convolution is a bias-free Linear), cut into six chunks c1..c6 (channel bounds
+    ``floor(k D / 6)``: D/6 each when 6 divides D, as their 768); head = (c1, c2), upper body =
+    (c2, c3), lower body = (c4, c5), feet = c6, each through its own Linear + ReLU + Dropout(0.5)
+    back to D. Returns (B, 4, D).
     """
 
     SLICES = ((0, 2), (1, 3), (3, 5), (5, 6))  # chunk ranges of head, upper, lower, feet
 
     def __init__(self, dim: int, dropout: float = 0.5) -> None:
         super().__init__()
-        if dim % 6:
-            raise TBPSError(f"method.regions=channel cuts the {dim}-d global feature into 6 chunks: "
-                            f"model.embed_dim must be divisible by 6")
-        self.chunk = dim // 6
+        if dim < 6:
+            raise TBPSError(f"method.regions=channel cuts the global feature into 6 chunks: model.embed_dim={dim} "
+                            f"is too small")
+        bounds = [k * dim // 6 for k in range(7)]
+        self.spans = [(bounds[a], bounds[b]) for a, b in self.SLICES]
         self.block = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(),
                                    nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim))
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear((end - start) * self.chunk, dim), nn.ReLU(), nn.Dropout(dropout))
-            for start, end in self.SLICES)
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(end - start, dim), nn.ReLU(), nn.Dropout(dropout))
+                                   for start, end in self.spans)
 
     def forward(self, x: Tensor) -> Tensor:
         r = F.relu(x + self.block(x))
-        return torch.stack([head(r[:, start * self.chunk:end * self.chunk])
-                            for head, (start, end) in zip(self.heads, self.SLICES)], dim=1)
+        return torch.stack([head(r[:, start:end]) for head, (start, end) in zip(self.heads, self.spans)], dim=1)
 
 
 # ----------------------------------------------------------------------------- the method
