@@ -184,3 +184,19 @@ def test_build_model_writes_every_resolved_option_into_the_config(name, tmp_path
         assert torch.equal(a, b), key
     old = tiny_config(name, loss, old_style)  # an old config: only the recipe's keys
     assert METHODS.get(name)(old, 4, TOKENIZER).options == model.options
+
+
+@pytest.mark.parametrize("method", ["irra", "cffa"])
+@pytest.mark.parametrize("dataset", ["cuhk", "icfg", "rstp"])
+def test_paper_recipes_feed_masked_captions_to_the_global_losses(method, dataset):
+    """IRRA's datasets/bases.py masks caption_ids in place, so the published numbers come from
+    masked global captions: the paper recipes say so; the option's default stays the clean reading."""
+    from pathlib import Path
+
+    from tbps.config import load_config
+    from tbps.models.irra import IRRAOptions
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"{method}_{dataset}.yaml")
+    assert cfg.method["mask_global_text"] is True
+    assert cfg.optim.bias_lr == "base"
+    assert IRRAOptions().mask_global_text is False
