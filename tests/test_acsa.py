@@ -377,3 +377,42 @@ def test_recipe_and_step_schedule_are_the_authors(tokenizer):
             assert lr_factor(step, cfg.optim, 3, 60, 1.0) == pytest.approx(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+
+
+def test_cross_scale_image_rows_loss_matches_a_direct_computation():
+    """utils/metric.py contrastive_loss: per image i, softmax over captions j of each direction's
+    score, KL to the L2-normalised labels, mean over images, summed over the two directions."""
+    from tbps.losses import cross_scale_image_rows_loss
+
+    g = torch.Generator().manual_seed(4)
+    i2t, t2i = torch.rand(6, 6, generator=g, dtype=torch.float64), torch.rand(6, 6, generator=g, dtype=torch.float64)
+    pids = [0, 0, 1, 2, 2, 2]
+    for norm in ("l2", "l1"):
+        total = 0.0
+        for matrix in (i2t, t2i):  # given (caption, image): row i of the code's matrix is column i here
+            for i in range(6):
+                logits = [20.0 * float(matrix[j, i]) for j in range(6)]
+                z = math.log(sum(math.exp(v) for v in logits))
+                count = sum(p == pids[i] for p in pids)
+                denom = math.sqrt(count) if norm == "l2" else count
+                for j in range(6):
+                    p = math.exp(logits[j] - z)
+                    q = (1.0 / denom) if pids[j] == pids[i] else 0.0
+                    total += p * (logits[j] - z - math.log(q + 1e-8)) / 6
+        got = cross_scale_image_rows_loss(i2t, t2i, torch.tensor(pids), 20.0, norm)
+        assert got.item() == pytest.approx(total, rel=1e-9)
+
+
+def test_code_cross_loss_and_mean_global_scale(tokenizer):
+    model = build_model(acsa_config(scale_global="mean"), 2, tokenizer)
+    assert model.options.cross_loss == "image_rows"
+    out = model(_batch(tokenizer))
+    assert torch.isfinite(out["loss_cross_scale"])
+    with torch.no_grad():
+        model.eval()
+        scales = model.image_encoder(_batch(tokenizer)["images"])["scales"]
+        want = model.image_query(torch.cat([scales[:, 1:].mean(1, keepdim=True), scales[:, 1:]], dim=1))
+        torch.testing.assert_close(model.embed_images(_batch(tokenizer)["images"])["scale_query"],
+                                   F.normalize(want, dim=-1))
+    mean = build_model(acsa_config(cross_loss="mean"), 2, tokenizer)
+    assert torch.isfinite(mean(_batch(tokenizer))["loss_cross_scale"])

@@ -459,3 +459,25 @@ def cross_scale_loss(similarity: Tensor, pids: Tensor, logit_scale: float = 20.0
                               else similarity.dtype, label_norm, "cross-scale")
     logits = logit_scale * _full_precision(similarity)
     return _matching_kl(logits, target, epsilon) + _matching_kl(logits.t(), target, epsilon)
+
+
+def cross_scale_image_rows_loss(i2t: Tensor, t2i: Tensor, pids: Tensor, logit_scale: float = 20.0,
+                                label_norm: str = "l2", epsilon: float = 1e-8) -> Tensor:
+    """ACSA's cross-scale loss as the authors' code computes it (``utils/metric.py``,
+    ``Loss.contrastive_loss``): each direction's score matrix, indexed by image i and caption j, is
+    turned into a distribution over the captions of each image and matched to the labels::
+
+        A_ij  = i2t score of image i and caption j    (image scales attend phrases)
+        B_ij  = t2i score of image i and caption j    (phrases attend image scales)
+        p_ij  = softmax_j(tau * A_ij),   p'_ij = softmax_j(tau * B_ij)
+        q_ij  = Y_ij / |Y_i|_2  (label_norm="l2", the code)  or  Y_ij / |Y_i|_1
+        L     = 1/B sum_i sum_j p_ij (log p_ij - log(q_ij + eps))
+              + 1/B sum_i sum_j p'_ij (log p'_ij - log(q_ij + eps))
+
+    ``i2t`` and ``t2i`` are given ``(T, G)`` (caption first, as ``cross_scale_similarity`` returns
+    them) and transposed here.
+    """
+    target = _matching_target(pids, torch.float32 if i2t.dtype in (torch.float16, torch.bfloat16) else i2t.dtype,
+                              label_norm, "cross-scale")
+    return (_matching_kl(logit_scale * _full_precision(i2t).t(), target, epsilon)
+            + _matching_kl(logit_scale * _full_precision(t2i).t(), target, epsilon))

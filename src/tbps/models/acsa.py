@@ -36,10 +36,13 @@ where both are silent, our choice, named as such):
   phrases attend over the image scales; attention = softmax(``attn_lambda`` * l2-normalised
   LeakyReLU(0.1) cosine), the normalisation running over the attending side, as in SCAN, on which
   the authors' code builds. Each direction's score is the mean cosine between a query's value and
-  its attended context; the cross-scale score is the mean of the two directions (our choice: the
-  authors' code keeps both matrices and applies an image-to-text softmax to each). Loss: CMPM's
-  matching form on that score (``losses.cross_scale_loss``, scale ``cross_logit_scale`` = 20, the
-  code's lambda), weight 0.1 (``loss.cross_scale``).
+  its attended context; the cross-scale score (logged, and fused at inference when
+  ``fuse_directions`` is not set) is the mean of the two directions. Loss: CMPM's
+  matching form, weight 0.1 (``loss.cross_scale``), scale ``cross_logit_scale`` = 20
+  (the code's lambda): ``cross_loss: image_rows`` (default, the code) matches each direction's
+  matrix per image over the captions (``losses.cross_scale_image_rows_loss``); ``mean`` matches the
+  mean score both ways (``losses.cross_scale_loss``). The first image scale is the global feature
+  (``scale_global: feature``) or, as the code, the mean of the region and window scales (``mean``).
 - Inference: ``similarity = a * global cosine + (1 - a) * cross-scale``, ``a = fuse_weight`` (0.9);
   the cross-scale term's directions are ``fuse_directions`` (empty: as ``directions``). The authors'
   code (``utils/metric.py``, ``compute_topk``) fuses the image-to-text score alone: the recipes set
@@ -71,7 +74,7 @@ from torch import Tensor, nn
 from tbps.config import Config, build_dataclass
 from tbps.data.phrases import PhraseExtractor
 from tbps.errors import TBPSError
-from tbps.losses import cmpc_loss, cmpm_loss, cross_scale_loss
+from tbps.losses import cmpc_loss, cmpm_loss, cross_scale_image_rows_loss, cross_scale_loss
 from tbps.models import METHODS
 from tbps.models.backbones import _ActivationMixin
 from tbps.models.base import TBPSModel, parse_loss_weights
@@ -99,6 +102,8 @@ class ACSAOptions:
     cmpm_gate: float = 0.5  # CMPM leaves the total while its value is below this (the code: 0.5); 0 = always on
     regions: str = "spatial"  # "spatial" stripes of the map (ours) or "channel" chunks of the global vector (code)
     fuse_directions: str = ""  # cross-scale directions at inference; "" = as directions (the code: i2t)
+    cross_loss: str = "image_rows"  # "image_rows": each direction's matrix, softmax over captions (code); "mean"
+    scale_global: str = "feature"  # first image scale: the global "feature" (ours) or the "mean" of the others (code)
     fuse_weight: float = 0.9  # inference: a * global + (1 - a) * cross-scale; 1.0 = global only
     score_block: int = 4_194_304  # max (query, image, scale, phrase) entries scored at once
     swin_embed_dim: int = 0  # Swin overrides (0 / empty: the timm architecture's own)
@@ -120,6 +125,10 @@ class ACSAOptions:
             raise TBPSError(f"method.directions={self.directions!r}: choose both, i2t or t2i")
         if self.fuse_directions not in ("", "both", "i2t", "t2i"):
             raise TBPSError(f"method.fuse_directions={self.fuse_directions!r}: choose both, i2t, t2i or empty")
+        if self.cross_loss not in ("image_rows", "mean"):
+            raise TBPSError(f"method.cross_loss={self.cross_loss!r}: choose image_rows or mean")
+        if self.scale_global not in ("feature", "mean"):
+            raise TBPSError(f"method.scale_global={self.scale_global!r}: choose feature or mean")
         if self.regions not in ("spatial", "channel"):
             raise TBPSError(f"method.regions={self.regions!r}: choose spatial or channel")
         if self.regions == "channel" and self.num_regions != 4:
@@ -469,6 +478,8 @@ class ACSA(TBPSModel):
             if self.channel_regions is not None:  # after the global token, as the spatial regions
                 regions = self.channel_regions(out["global"])
                 scales = torch.cat([scales[:, :1], regions.to(scales.dtype), scales[:, 1:]], dim=1)
+            if self.options.scale_global == "mean":  # the code: the mean of the region and window scales
+                scales = torch.cat([scales[:, 1:].mean(dim=1, keepdim=True), scales[:, 1:]], dim=1)
             out["scale_query"] = self.image_query(scales)
             out["scale_value"] = self.image_value(scales)
         return out
@@ -534,12 +545,18 @@ class ACSA(TBPSModel):
         if self.classifier is not None:
             out["loss_cmpc"] = weights["cmpc"] * cmpc_loss(image_feats, text_feats, pids, self.classifier.weight)
         if "cross_scale" in weights:
-            similarity = cross_scale_similarity(
-                text_out["phrase_key"], text_out["phrase_value"], text_out["phrase_mask"],
-                image_out["scale_query"], image_out["scale_value"], attn_lambda=opts.attn_lambda,
-                leaky_slope=opts.leaky_slope, directions=opts.directions)
-            out["loss_cross_scale"] = weights["cross_scale"] * cross_scale_loss(
-                similarity, pids, opts.cross_logit_scale, label_norm=opts.cmpm_label_norm)
+            inputs = (text_out["phrase_key"], text_out["phrase_value"], text_out["phrase_mask"],
+                      image_out["scale_query"], image_out["scale_value"])
+            kwargs = {"attn_lambda": opts.attn_lambda, "leaky_slope": opts.leaky_slope}
+            if opts.cross_loss == "image_rows" and opts.directions == "both":
+                i2t = cross_scale_similarity(*inputs, directions="i2t", **kwargs)
+                t2i = cross_scale_similarity(*inputs, directions="t2i", **kwargs)
+                similarity = (i2t + t2i) / 2
+                loss = cross_scale_image_rows_loss(i2t, t2i, pids, opts.cross_logit_scale, opts.cmpm_label_norm)
+            else:
+                similarity = cross_scale_similarity(*inputs, directions=opts.directions, **kwargs)
+                loss = cross_scale_loss(similarity, pids, opts.cross_logit_scale, label_norm=opts.cmpm_label_norm)
+            out["loss_cross_scale"] = weights["cross_scale"] * loss
             with torch.no_grad():
                 same = pids[:, None] == pids[None, :]
                 out["cross_pos"] = similarity[same].mean()
