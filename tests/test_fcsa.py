@@ -239,7 +239,7 @@ def test_training_step_losses_finite_and_gradients_everywhere():
 # ----------------------------------------------------------------------------- hard-positive swap
 
 def test_swap_takes_the_least_similar_candidate_in_disjoint_rows():
-    model = build_model(tiny_config(swap_rate=0.5), num_classes=4, tokenizer=TOKENIZER)
+    model = build_model(tiny_config(swap_rate=0.5, swap_rows="disjoint"), num_classes=4, tokenizer=TOKENIZER)
     batch = batch_of(k=3)
     torch.manual_seed(5)
     clean, pos_clean = batch["token_ids"] + 1, batch["pos_token_ids"] + 1  # stand-ins for the unmasked copies
@@ -264,6 +264,28 @@ def test_swap_takes_the_least_similar_candidate_in_disjoint_rows():
             assert torch.equal(images[row], batch["images"][row])
         for row in image_rows.tolist():
             assert torch.equal(clean_ids[row], clean[row])
+
+
+def test_exact_swap_rows_are_the_codes_counts_and_read_the_original_pairs():
+    """The code: int(0.1 B) rows per swap from two independent permutations (overlap allowed); the
+    caption choice of a row whose image was swapped reads its original image."""
+    model = build_model(tiny_config(swap_rate=0.5), num_classes=4, tokenizer=TOKENIZER)
+    assert model.options.swap_rows == "exact"
+    batch = batch_of(k=3)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        images, token_ids, image_rows, text_rows, _ = model.swap_hard_positives(
+            batch["images"], batch["token_ids"], batch["pos_images"], batch["pos_token_ids"])
+        assert image_rows.numel() == text_rows.numel() == 4
+        model.eval()
+        with torch.no_grad():
+            for row in text_rows.tolist():
+                v = F.normalize(model.encode_image(batch["images"][row:row + 1]), dim=-1)
+                t = F.normalize(model.encode_text(batch["pos_token_ids"][row]), dim=-1)
+                assert torch.equal(token_ids[row], batch["pos_token_ids"][row, (t @ v.t()).argmin()])
+        model.train()
+    with pytest.raises(TBPSError, match="swap_rate"):
+        build_model(tiny_config(swap_rate=0.6, swap_rows="disjoint"), num_classes=4, tokenizer=TOKENIZER)
 
 
 def test_swap_needs_positives():
@@ -301,7 +323,7 @@ def test_options_and_losses_validated():
     with pytest.raises(TBPSError, match="image_mask_ratio"):
         FCSAOptions(image_mask_ratio=1.0)
     with pytest.raises(TBPSError, match="swap_rate"):
-        FCSAOptions(swap_rate=0.6)
+        FCSAOptions(swap_rate=1.1)
     with pytest.raises(TBPSError, match="margin"):
         FCSAOptions(margin=-1)
     with pytest.raises(TBPSError, match="mlm_prob=0.3: IRRA's MLM option does not apply"):

@@ -8,10 +8,12 @@ Built on IRRA (the CLIP dual encoder, the shared ID classifier and the global lo
   tokens picked; 80% mask token, 10% random id, 10% kept); the text-side SGMM works on a clean
   copy. ``global_mask_prob: 0`` is the paper's reading (clean captions everywhere).
 - Hard-positive swap: every sample brings ``data.positives`` (K = 4) other pairs of its identity
-  from the shared loader (``TrainPairs``). In a random ``swap_rate`` (10%) of rows the image is
-  replaced by the candidate image least similar to the row's caption, in another disjoint 10% the
-  caption by the candidate caption least similar to the row's image. The choice takes no gradient
-  and runs the encoders in eval mode on the swapped rows' candidates only.
+  from the shared loader (``TrainPairs``). In ``swap_rate`` (10%) of the rows the image is replaced
+  by the candidate image least similar to the row's caption, in another 10% the caption by the
+  candidate caption least similar to the row's image. ``swap_rows: exact`` (the code) draws
+  ``int(swap_rate * B)`` rows for each swap independently (they may overlap; each choice reads the
+  original pair); ``disjoint`` draws each row's fate once (Bernoulli, no overlap). The choice takes
+  no gradient and runs the encoders in eval mode on the swapped rows' candidates only.
 - SGMM, saliency-guided masking. Image side: the saliency of a patch is the cosine of its token to
   the caption's global feature; ``image_mask_ratio`` of the patches are chosen by saliency and their
   pixels replaced by Gaussian noise (in the normalised input space), then the image is re-encoded
@@ -90,6 +92,7 @@ class FCSAOptions(IRRAOptions):
     image_mask_ratio: float = 0.3  # share of patches masked (not published; our default)
     text_mask_ratio: float = 0.3  # share of real caption tokens masked (not published; our default)
     swap_rate: float = 0.1  # share of rows whose image is swapped for a hard positive (the same again for captions)
+    swap_rows: str = "exact"  # "exact": int(rate x B) rows per swap, independent (code); "disjoint": Bernoulli
     margin: float = 0.5  # CMRS triplet margin (Euclidean, normalised features)
 
     def __post_init__(self) -> None:
@@ -99,8 +102,11 @@ class FCSAOptions(IRRAOptions):
         for name in ("image_mask_ratio", "text_mask_ratio"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise TBPSError(f"method.{name} must be in (0, 1), got {getattr(self, name)}")
-        if not 0.0 <= self.swap_rate <= 0.5:
-            raise TBPSError(f"method.swap_rate must be in [0, 0.5] (image and caption swaps are disjoint rows), "
+        if self.swap_rows not in ("exact", "disjoint"):
+            raise TBPSError(f"method.swap_rows={self.swap_rows!r}: choose exact or disjoint")
+        limit = 0.5 if self.swap_rows == "disjoint" else 1.0
+        if not 0.0 <= self.swap_rate <= limit:
+            raise TBPSError(f"method.swap_rate must be in [0, {limit}] with method.swap_rows={self.swap_rows}, "
                             f"got {self.swap_rate}")
         if self.margin < 0:
             raise TBPSError(f"method.margin must be >= 0, got {self.margin}")
@@ -238,23 +244,30 @@ class FCSA(IRRA):
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """``(images, token_ids, image_rows, text_rows, clean_ids)`` with the hardest positives swapped in.
 
-        Rows are drawn from torch's global generator: ``swap_rate`` of them get the candidate image
-        (``pos_images`` (B, K, 3, H, W)) least similar to their caption, a disjoint ``swap_rate`` the
-        candidate caption (``pos_token_ids`` (B, K, L)) least similar to their image. The choice is
-        made on the captions as given (masked ones in the code); ``clean_ids`` / ``pos_clean_ids``,
-        the unmasked copies, follow the same swap.
+        Rows are drawn from torch's global generator (``swap_rows``): ``swap_rate`` of them get the
+        candidate image (``pos_images`` (B, K, 3, H, W)) least similar to their caption, another
+        ``swap_rate`` the candidate caption (``pos_token_ids`` (B, K, L)) least similar to their
+        image; both choices read the original pairs. The choice is made on the captions as given
+        (masked ones in the code); ``clean_ids`` / ``pos_clean_ids``, the unmasked copies, follow
+        the same swap.
         """
-        rate = self.options.swap_rate
-        draws = torch.rand(images.shape[0], device=images.device)
-        image_rows = (draws < rate).nonzero().squeeze(1)
-        text_rows = ((draws >= rate) & (draws < 2 * rate)).nonzero().squeeze(1)
+        rate, n = self.options.swap_rate, images.shape[0]
+        if self.options.swap_rows == "exact":
+            count = int(rate * n)
+            image_rows = torch.randperm(n, device=images.device)[:count].sort().values
+            text_rows = torch.randperm(n, device=images.device)[:count].sort().values
+        else:
+            draws = torch.rand(n, device=images.device)
+            image_rows = (draws < rate).nonzero().squeeze(1)
+            text_rows = ((draws >= rate) & (draws < 2 * rate)).nonzero().squeeze(1)
+        original_images = images
         with torch.no_grad(), _eval_mode(self.image_encoder, self.text_encoder):
             if image_rows.numel():
                 anchor = self.encode_text(token_ids[image_rows])
                 pick = _least_similar(anchor, pos_images[image_rows], self.encode_image)
                 images = images.index_copy(0, image_rows, pos_images[image_rows, pick])
             if text_rows.numel():
-                anchor = self.encode_image(images[text_rows])
+                anchor = self.encode_image(original_images[text_rows])
                 pick = _least_similar(anchor, pos_token_ids[text_rows], self.encode_text)
                 token_ids = token_ids.index_copy(0, text_rows, pos_token_ids[text_rows, pick])
                 if clean_ids is not None:
