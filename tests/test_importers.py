@@ -630,3 +630,35 @@ def test_zero_shot_clip_from_a_hugging_face_folder(tmp_path):
     want_text = want_text if isinstance(want_text, torch.Tensor) else want_text.pooler_output
     torch.testing.assert_close(image_feats, F.normalize(want_image, dim=-1), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(text_feats, F.normalize(want_text, dim=-1), atol=1e-5, rtol=1e-4)
+
+
+class _ScriptedWithSetstate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2, 2)
+        self.flag = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[int, bool]:
+        return (self.flag, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[int, bool]) -> None:
+        self.flag = state[0]
+        self.training = state[1]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated; OpenAI still ships it
+def test_torchscript_archive_with_load_time_code_is_refused(tmp_path):
+    """torch.jit.load runs a scripted class's __setstate__ (code from the file) while loading."""
+    from tbps.models.backbones import read_clip_weights
+
+    torch.jit.save(torch.jit.script(_ScriptedWithSetstate()), str(tmp_path / "ViT-B-16.pt"))
+    with pytest.raises(TBPSError) as info:
+        read_clip_weights(tmp_path / "ViT-B-16.pt")
+    assert "\n" not in str(info.value) and "__setstate__" in str(info.value) and "will not load it" in str(info.value)
+    with pytest.raises(TBPSError, match="__setstate__"):
+        import_checkpoint("clip", tmp_path / "ViT-B-16.pt", tmp_path / "z.pt")

@@ -6,7 +6,8 @@ and their training arguments. Every PyTorch file tbps reads (pretrained weights,
 checkpoints, imports) goes through :func:`load_torch_file`: PyTorch's ``weights_only`` unpickler,
 which builds only tensors and plain containers, plus a short allowlist of plain value types such
 files hold (:data:`EXTRA_SAFE_TYPES`). A file that names anything else is refused in one line
-that names the type; there is no fallback to a full unpickle.
+that names the type; there is no fallback to a full unpickle. TorchScript archives (OpenAI's CLIP
+``.pt``) are checked by :func:`check_torchscript_archive` before ``torch.jit.load``.
 
 YAML configs of other projects are read with :func:`load_yaml` (``yaml.SafeLoader`` plus Python
 tuples, which ``yaml.dump`` writes for tuple-valued arguments); NumPy tables with
@@ -105,6 +106,26 @@ def load_torch_file(path: str | Path, what: str = "PyTorch file") -> Any:
         raise TBPSError(f"{path}: cannot read a {what} (not a file written by torch.save)") from None
     except Exception as exc:  # truncated archive, unsupported content
         raise TBPSError(f"{path}: cannot read a {what} ({_first_line(exc)})") from None
+
+
+def check_torchscript_archive(path: str | Path) -> None:
+    """Refuse a TorchScript archive whose code would run while it loads.
+
+    OpenAI's CLIP files are TorchScript archives, read with ``torch.jit.load``: its unpickler builds
+    only TorchScript types (no Python globals), but a class with a ``__setstate__`` method runs that
+    method, code from the file, during the load. OpenAI's archives have none; any that does is refused.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith(".py") and "/code/" in f"/{name}":
+                    source = archive.read(name).decode("utf-8", errors="replace")
+                    if re.search(r"\bdef __setstate__\(", source):
+                        raise TBPSError(f"{path}: refused: this TorchScript archive holds code that would run "
+                                        f"while it loads (__setstate__ in {name}); tbps will not load it")
+    except zipfile.BadZipFile:
+        raise TBPSError(f"{path}: cannot read a TorchScript archive (not a valid zip file)") from None
 
 
 def load_npy(path: str | Path, what: str = "NumPy array") -> np.ndarray:

@@ -402,6 +402,9 @@ def read_clip_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, An
     if path.is_dir():
         state, meta = _read_hf_folder(path)
     elif _is_torchscript(path):
+        from tbps.safe_load import check_torchscript_archive
+
+        check_torchscript_archive(path)
         try:
             with warnings.catch_warnings():  # "torch.jit is deprecated": OpenAI still ships TorchScript
                 warnings.simplefilter("ignore", FutureWarning)
