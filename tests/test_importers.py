@@ -662,3 +662,22 @@ def test_torchscript_archive_with_load_time_code_is_refused(tmp_path):
     assert "\n" not in str(info.value) and "__setstate__" in str(info.value) and "will not load it" in str(info.value)
     with pytest.raises(TBPSError, match="__setstate__"):
         import_checkpoint("clip", tmp_path / "ViT-B-16.pt", tmp_path / "z.pt")
+
+
+def test_textreid_keys_outside_its_modules_are_refused(tmp_path):
+    path, vocab, _ = save_textreid_checkpoint(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"]["textual_model.embed.weight"] = torch.zeros(32, 512)  # VOCABULARY_SIZE != EMBEDDING_SIZE
+    torch.save(ckpt, path)
+    with pytest.raises(TBPSError, match=r"unexpected \(textual_model\.embed\.weight\)"):
+        import_checkpoint("textreid", path, tmp_path / "m.pt", vocab=vocab)
+    del ckpt["model"]["textual_model.embed.weight"]
+    ckpt["model"]["bnneck.weight"] = torch.zeros(3)
+    torch.save(ckpt, path)
+    with pytest.raises(TBPSError, match=r"unexpected \(bnneck\.weight\)"):
+        import_checkpoint("textreid", path, tmp_path / "m.pt", vocab=vocab)
+    del ckpt["model"]["bnneck.weight"]
+    ckpt["model"]["embed_model.v_fc_q.0.weight"] = torch.zeros(3)  # MOCO.FC head: unused at retrieval
+    torch.save(ckpt, path)
+    assert import_checkpoint("textreid", path, tmp_path / "m.pt", vocab=vocab)["dropped"] == \
+        ["embed_model.v_fc_q.0.weight"]

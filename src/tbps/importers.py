@@ -20,7 +20,8 @@ What is read, and how:
 - Every key of the file must find its place: missing and unexpected keys are one line naming
   both. The exceptions are named: heads that IRRA-family methods (CFFA, FCSA, RDE, ...) add
   beyond IRRA's are dropped and listed, since the imported ``irra`` model keeps what retrieval
-  needs (the CLIP towers) plus IRRA's own heads; and TextReID's duplicate ``v_encoder_q`` /
+  needs (the CLIP towers) plus IRRA's own heads; TextReID head entries tbps has no place for
+  (``embed_model.v_fc_*`` of ``MOCO.FC``, unused at retrieval) likewise; and TextReID's duplicate ``v_encoder_q`` /
   ``t_encoder_q`` entries (the same modules as ``visual_model`` / ``textual_model``) must equal
   their originals.
 - IRRA saves its weights in fp16 (``convert_weights``); they are stored as fp32. The tokenizer is
@@ -441,6 +442,9 @@ def import_textreid(path: str | Path, config: str | Path | None = None, vocab: s
                         f"--vocab clip_vocab_vit.npy (shipped with their CUHK-PEDES captions) or CLIP ViT weights")
     args = _textreid_args(_read_their_config(config))
     state, unplaced = _split_keys(raw, textreid_to_tbps_key)
+    foreign = [k for k in unplaced if not k.startswith("embed_model.")]
+    if foreign:  # only head entries (e.g. MOCO.FC's v_fc_q/k, unused at retrieval) may be dropped
+        raise _fit_error(path, "TextReID", [], foreign)
     for key, value in raw.items():  # duplicates must be the modules they alias
         if textreid_to_tbps_key(key) == "":
             original = ("visual_model." + key[len("embed_model.v_encoder_q."):] if key.startswith("embed_model.v_")
