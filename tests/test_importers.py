@@ -174,7 +174,8 @@ def test_irra_heads_land_in_the_tbps_modules(tmp_path):
     torch.testing.assert_close(model.mlm_head.fc.weight, reference.mlm_head.fc.weight.float())
     torch.testing.assert_close(model.classifier.bias, reference.classifier.bias.float())
     block = model.cross_modal.blocks[0]
-    torch.testing.assert_close(block.linear1.weight, reference.cross_modal_transformer.resblocks[0].mlp.c_fc.weight.float())
+    reference_block = reference.cross_modal_transformer.resblocks[0]
+    torch.testing.assert_close(block.linear1.weight, reference_block.mlp.c_fc.weight.float())
     torch.testing.assert_close(block.norm2.bias, reference.cross_modal_transformer.resblocks[0].ln_2.bias.float())
     torch.testing.assert_close(model.cross_modal.ln_memory.weight, reference.ln_pre_i.weight.float())
     # the IRR branch runs on the imported heads: same cross-attention output as IRRA's cross_former
@@ -282,7 +283,8 @@ def test_file_whose_unpickling_would_run_code_is_refused_and_nothing_runs(tmp_pa
         import_checkpoint(source, path, tmp_path / "m.pt", vocab=tmp_path / "v.npy")
     message = str(info.value)
     assert not marker.exists(), "unpickling ran code from the file"
-    assert "\n" not in message and "io.open" in message and "could run code" in message  # builtins.open pickles as io.open
+    # builtins.open pickles as io.open
+    assert "\n" not in message and "io.open" in message and "could run code" in message
     assert "tbps will not load it" in message and "weights_only" not in message
     assert not (tmp_path / "m.pt").exists()
 

@@ -21,8 +21,8 @@ What is read, and how:
   both. The exceptions are named: heads that IRRA-family methods (CFFA, FCSA, RDE, ...) add
   beyond IRRA's are dropped and listed, since the imported ``irra`` model keeps what retrieval
   needs (the CLIP towers) plus IRRA's own heads; TextReID head entries tbps has no place for
-  (``embed_model.v_fc_*`` of ``MOCO.FC``, unused at retrieval) likewise; and TextReID's duplicate ``v_encoder_q`` /
-  ``t_encoder_q`` entries (the same modules as ``visual_model`` / ``textual_model``) must equal
+  (``embed_model.v_fc_*`` of ``MOCO.FC``, unused at retrieval) likewise; and TextReID's duplicate
+  ``v_encoder_q`` / ``t_encoder_q`` entries (the same modules as ``visual_model`` / ``textual_model``) must equal
   their originals.
 - IRRA saves its weights in fp16 (``convert_weights``); they are stored as fp32. The tokenizer is
   CLIP's with ``<|mask|>`` at IRRA's id 49405, so IRRA's 49,408-row token table and MLM head fit.
