@@ -593,6 +593,23 @@ def test_old_checkpoint_with_49409_rows_still_loads_and_embeds_the_same(tmp_path
     assert load_model_from_checkpoint(tmp_path / "new.pt")[2].name == "clip"
 
 
+def test_old_checkpoint_keeps_the_fingerprint_of_its_old_index(tmp_path):
+    """An index built by tbps before the mask moved recorded ``tokenizer: clip`` in its fingerprint;
+    the same weights, now read as ``clip-legacy``, must still match it (search, adding images)."""
+    from tbps.engine.checkpoint import save_checkpoint
+    from tbps.search.index import model_fingerprint
+
+    cfg, old = _tiny_irra("clip-legacy")
+    cfg.data.tokenizer = "clip"
+    save_checkpoint(tmp_path / "old.pt", model=old, cfg=cfg, num_classes=3)
+    before = model_fingerprint(old, cfg)  # what the old tbps wrote into the index manifest
+    model, loaded_cfg, _ = load_model_from_checkpoint(tmp_path / "old.pt")
+    assert loaded_cfg.data.tokenizer == "clip-legacy"
+    assert model_fingerprint(model, loaded_cfg) == before
+    cfg_new, new = _tiny_irra("clip")
+    assert model_fingerprint(new, cfg_new) != model_fingerprint(old, cfg)
+
+
 @pytest.mark.parametrize("name", ["ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336", "RN50", "RN101"])
 def test_published_clip_architectures_are_recognised_from_shapes(name):
     """Shapes only (meta tensors): IRRA's ViT-B/16, TextReID's RN50/RN101, the usual CLIPs."""
