@@ -84,7 +84,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
-    train(cfg, output_dir=args.output_dir, resume=args.resume)
+    if args.resume and args.overwrite:
+        raise TBPSError("--resume continues the run in the output folder and --overwrite deletes it: give one")
+    train(cfg, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -103,9 +105,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         overrides=args.overrides,
     )
     if args.json:
-        print(json.dumps({k: metrics[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}))
+        print(json.dumps({k: metrics[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}), flush=True)
     else:
-        print(format_metrics_table(metrics))
+        print(format_metrics_table(metrics), flush=True)
+    if args.log:  # after printing: a failed write must not lose the result
+        import datetime
+
+        from tbps.engine.evaluator import append_metrics_jsonl
+
+        row = {"event": "eval", "split": args.split, "dataset": args.dataset, "root": args.root,
+               "checkpoint": args.checkpoint, "overrides": list(args.overrides), **metrics,
+               "time": datetime.datetime.now().isoformat(timespec="seconds")}
+        try:
+            append_metrics_jsonl(args.log, row)
+        except OSError as exc:
+            from tbps.io import write_error
+
+            raise write_error(args.log, exc) from None
     return 0
 
 
@@ -242,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="recipe, e.g. configs/irra_cuhk.yaml")
     p.add_argument("--output-dir", default=None, help="where outputs go (default: train.output_dir)")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT_DIR/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an OUTPUT_DIR that holds another run, deleting its checkpoints and log "
+                        "(without it such a folder is refused)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after N optimiser steps, then evaluate and save (smoke runs)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -259,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--i2t", action="store_true", help="also report image-to-text retrieval")
     p.add_argument("--json", action="store_true", help='print {"R1", "R5", "R10", "mAP", "mINP"} only')
+    p.add_argument("--log", default=None, metavar="FILE",
+                   help="also append the result as a JSON line to FILE (nothing is written without it)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="inference-time config changes applied to the checkpoint's saved config, "
                         "e.g. method.fuse_weight=1.0 (the method's docs list its options)")

@@ -872,6 +872,12 @@ class HFTextEncoder(nn.Module):
     def clear_frozen_cache(self) -> None:
         self._cache, self._cache_bytes = {}, 0
 
+    def disable_frozen_cache(self) -> None:
+        """Back to the plain forward pass. For inference (``serve``, ``search``, ``index``, ``eval``):
+        the cache is a training device, and there every distinct query would stay in memory."""
+        self.cache_limit_bytes = 0
+        self.clear_frozen_cache()
+
     def train(self, mode: bool = True) -> "HFTextEncoder":
         super().train(mode)
         if self.cache_limit_bytes > 0:  # the cached part never drops out
@@ -892,21 +898,21 @@ class HFTextEncoder(nn.Module):
         keys = [token_ids[i, :n].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
         missing = sorted({i for i, key in enumerate(keys) if key not in self._cache})
         computed: dict[int, Tensor] = {}
-        if missing:
-            rows = torch.tensor(missing, device=token_ids.device)
-            ids, sub_mask = token_ids[rows], mask[rows]
+        for i in missing:
+            # each caption alone, unpadded: its features then do not depend on which batch first
+            # held it, so a resumed run (empty cache) computes exactly what the uninterrupted one reused
+            ids = token_ids[i:i + 1, :lengths[i]]
             with torch.no_grad():
                 hidden = self.backbone.embeddings(input_ids=ids)
-                attn = self._bidirectional_mask(hidden, sub_mask)
+                attn = self._bidirectional_mask(hidden, mask[i:i + 1, :lengths[i]])
                 for layer in self.backbone.encoder.layer[:self.frozen_layers]:
                     hidden = layer(hidden, attn)
-            for j, i in enumerate(missing):
-                row = hidden[j, :lengths[i]].float().cpu()
-                computed[i] = row
-                size = row.numel() * 4
-                if self._cache_bytes + size <= self.cache_limit_bytes and keys[i] not in self._cache:
-                    self._cache[keys[i]] = row
-                    self._cache_bytes += size
+            row = hidden[0].float().cpu()
+            computed[i] = row
+            size = row.numel() * 4
+            if self._cache_bytes + size <= self.cache_limit_bytes and keys[i] not in self._cache:
+                self._cache[keys[i]] = row
+                self._cache_bytes += size
         width = self.hidden_size
         out = torch.zeros(token_ids.shape[0], token_ids.shape[1], width)
         for i, key in enumerate(keys):
