@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -210,3 +211,20 @@ def test_evaluate_checkpoint_writes_only_where_asked(records, tmp_path, monkeypa
         evaluate_checkpoint(ckpt, split="val", device="cpu", progress=False)
     with pytest.raises(TBPSError, match="give --root"):
         evaluate_checkpoint(ckpt, dataset="cuhk-pedes", device="cpu", progress=False)
+
+
+def test_missing_images_are_one_line_before_evaluation(records, tmp_path, monkeypatch):
+    import tbps.data.datasets as datasets
+    import tbps.engine.checkpoint as checkpoint
+
+    cfg = Config()
+    cfg.data.dataset, cfg.data.root, cfg.data.num_workers = "toy", str(tmp_path), 0
+    monkeypatch.setattr(checkpoint, "load_model_from_checkpoint", lambda path, device, overrides=None:
+                        (ColourModel(), cfg, tokenize))
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, root: SimpleNamespace(split=lambda s: records))
+    Path(records[1].image_path).unlink()
+    with pytest.raises(TBPSError) as info:
+        evaluate_checkpoint(tmp_path / "best.pt", device="cpu", progress=False)
+    message = str(info.value)
+    assert "1 of the" in message and Path(records[1].image_path).name in message and "\n" not in message
