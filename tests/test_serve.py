@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import os
 import re
 import socket
 import threading
@@ -36,7 +38,11 @@ def searcher(index_dir) -> Searcher:
 
 @pytest.fixture(scope="module")
 def client(searcher) -> TestClient:
-    return TestClient(create_app(searcher, max_query_chars=80, max_k=20))
+    return TestClient(create_app(searcher, max_query_chars=80, max_k=20), base_url="http://127.0.0.1:8000")
+
+
+def gallery_relative(searcher, path: str) -> str:
+    return os.path.relpath(path, searcher.index.image_root)
 
 
 # ----------------------------------------------------------------------------- good requests
@@ -49,7 +55,8 @@ def test_search_returns_the_searchers_ranking(client, searcher):
     expected = searcher.search([QUERY], top_k=5)[0]
     assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4, 5]
     assert [set(r) for r in body["results"]] == [{"rank", "path", "score", "url"}] * 5
-    assert [r["path"] for r in body["results"]] == [e["path"] for e in expected]
+    assert [r["path"] for r in body["results"]] == [gallery_relative(searcher, e["path"]) for e in expected]
+    assert not any(os.path.isabs(r["path"]) for r in body["results"])  # no server paths leak
     assert [r["url"] for r in body["results"]] == [f"/images/{e['index']}" for e in expected]
     assert [r["score"] for r in body["results"]] == pytest.approx([e["score"] for e in expected], abs=1e-6)
     scores = [r["score"] for r in body["results"]]
@@ -62,23 +69,24 @@ def test_defaults_k_beyond_the_gallery_and_rerank_off(client, searcher):
     assert len(client.get("/api/search", params={"q": "a woman", "k": 20}).json()["results"]) == NUM_IMAGES
     off = client.get("/api/search", params={"q": "a woman", "k": "3", "rerank": "off"}).json()
     assert off["rerank"] is False
-    assert [r["path"] for r in off["results"]] == [e["path"] for e in searcher.search(["a woman"], 3, rerank=False)[0]]
+    assert [r["path"] for r in off["results"]] == [gallery_relative(searcher, e["path"])
+                                                   for e in searcher.search(["a woman"], 3, rerank=False)[0]]
 
 
-def test_result_urls_serve_the_indexed_files(client):
+def test_result_urls_serve_the_indexed_files(client, searcher):
     results = client.get("/api/search", params={"q": QUERY, "k": 3}).json()["results"]
     for result in results:
         image = client.get(result["url"])
         assert image.status_code == 200
         assert image.headers["content-type"] == "image/png"
         assert image.headers["x-content-type-options"] == "nosniff"
-        assert image.content == Path(result["path"]).read_bytes()
+        assert image.content == (searcher.index.image_root / result["path"]).read_bytes()
 
 
 def test_healthz(client):
     assert client.get("/healthz").json() == {
         "status": "ok", "gallery_size": NUM_IMAGES, "model": "irra", "rerank": False,
-        "limits": {"max_query_chars": 80, "max_k": 20}}
+        "limits": {"max_query_chars": 80, "max_k": 20}, "auth": False}
 
 
 def test_page_has_the_search_box_and_a_policy_that_allows_exactly_its_script(client):
@@ -265,7 +273,7 @@ def test_a_searcher_error_reaches_the_client_as_json(searcher):
         def image_path(self, index):
             return searcher.image_path(index)
 
-    client = TestClient(create_app(Failing()), raise_server_exceptions=False)
+    client = TestClient(create_app(Failing()), raise_server_exceptions=False, base_url="http://localhost")
     response = client.get("/api/search", params={"q": "a"})
     assert response.status_code == 400 and response.json() == {"error": "the index went away"}
 

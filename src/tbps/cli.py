@@ -130,7 +130,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.index, host=args.host, port=args.port, checkpoint=args.checkpoint, device=args.device,
           max_query_chars=args.max_query_chars, max_k=args.max_k, max_batch=args.max_batch,
-          log_level=args.log_level, image_root=args.image_root)
+          log_level=args.log_level, image_root=args.image_root, allowed_hosts=args.allowed_host,
+          token=args.token, audit_log=args.audit_log, header_timeout=args.header_timeout)
     return 0
 
 
@@ -330,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", nargs="*", help="descriptions, e.g. 'a man in a grey hoodie with a red backpack'")
     p.set_defaults(func=_cmd_search)
     p = sub.add_parser("serve", formatter_class=fmt, help="HTTP API and web page to search an index",
-                       description="Serve the search page and the HTTP API for an index.")
+                       description="Serve the search page and the HTTP API for an index. It listens on "
+                       "127.0.0.1 only by default; before exposing it, set a token and put it behind a "
+                       "TLS reverse proxy (README, 'Serving').")
     p.add_argument("--index", required=True, help="index folder written by tbps index")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -343,6 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (info logs every request)")
     p.add_argument("--image-root", default=None, help=IMAGE_ROOT_HELP)
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a Host name clients may use, besides localhost, 127.0.0.1, ::1 and --host (repeat it "
+                        "for several; '*' allows any). Other names are refused, against DNS rebinding")
+    p.add_argument("--token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on every API and image request (the page asks "
+                        "for it once); default: the TBPS_TOKEN environment variable, which other users "
+                        "cannot read in the process list")
+    p.add_argument("--audit-log", default=None, metavar="FILE",
+                   help="append one JSON line per request to FILE: time, client address, path, query, k, "
+                        "result count, status (never the token)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a complete request head before it is disconnected")
     p.set_defaults(func=_cmd_serve)
 
     # visualize
