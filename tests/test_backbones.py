@@ -407,9 +407,9 @@ def test_frozen_layer_cache_does_not_depend_on_the_batch_a_caption_first_came_in
     torch.manual_seed(0)
     encoder = B.build_text_encoder(model_cfg, bert_tokenizer()).eval()
     generator = torch.Generator().manual_seed(1)
-    others = torch.zeros(7, 16, dtype=torch.long)
-    for row in range(7):
-        n = 3 + row
+    others = torch.zeros(63, 16, dtype=torch.long)
+    for row in range(63):
+        n = 3 + row % 14
         others[row, 0], others[row, n - 1] = 101, 102
         others[row, 1:n - 1] = torch.randint(1000, 20000, (n - 2,), generator=generator)
     target = bert_ids()[1:]
