@@ -1,15 +1,26 @@
-"""Compare methods on SynthPEDES with one data set, one seed and one budget.
+"""Compare methods on SynthPEDES with one data set, one budget and one or more seeds.
 
 Every row trains a recipe (``configs/<method>_synth.yaml`` plus ``key=value`` changes for an
-ablation) on the same synthetic data for the same number of epochs with the same seed, then scores
-its last checkpoint on the test split. ``--from`` re-scores another row's checkpoint with changed
-inference options (no training), for ablations that only change how scores are computed.
+ablation) on the same synthetic data for the same number of epochs, once per seed, then scores
+each seed's last checkpoint on the test split. A row records every seed and the mean and spread
+(sample standard deviation) of each metric, plus seconds per optimiser step (the batch size over
+the trainer's logged pairs/s, averaged over epochs: start-up and evaluation excluded). ``--from``
+re-scores another row's checkpoints with changed inference options (no training), for ablations
+that only change how scores are computed.
+
+``SUITE`` below holds, for each method, the overrides that make its synth recipe follow the
+authors' code where the equal-budget recipe leaves a method default, and each paper ablation (the
+method without one of its components) as ``key=value`` overrides; ``plan`` prints the commands,
+``suite`` runs them one after another.
 
 Runs queue for one of two slots (one CPU thread each), so several people (or shells) can queue
 runs on one machine without oversubscribing it: timings are of one thread, next to one other run.
 
     python benchmarks/compare_methods.py run irra --config configs/irra_synth.yaml
+    python benchmarks/compare_methods.py run irra --config configs/irra_synth.yaml --seeds 0 1 2
     python benchmarks/compare_methods.py run cffa_global --from cffa method.inference=global
+    python benchmarks/compare_methods.py plan fcsa --seeds 0 1 2 --epochs 15 --ids 500
+    python benchmarks/compare_methods.py suite irra fcsa --seeds 0 1 2 train.max_steps=2   # smoke
     python benchmarks/compare_methods.py table
 """
 
@@ -21,7 +32,9 @@ import datetime
 import fcntl
 import json
 import os
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -35,6 +48,36 @@ DATA = {"ids": 300, "images_per_id": 4, "captions_per_image": 2, "height": 384, 
 EPOCHS = 5
 SEED = 0
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+
+# method -> its synth recipe, the overrides that follow the authors' code where the recipe does not
+# already (method defaults do), and each paper ablation: row suffix -> overrides (training runs) or
+# ("from", overrides) for a re-scored checkpoint of the method's own row.
+SUITE: dict[str, dict] = {
+    "irra": {"config": "configs/irra_synth.yaml", "authors": [],
+             "ablations": {"itc_for_sdm": ["loss.sdm=0", "loss.itc=1.0"], "no_id": ["loss.id=0"],
+                           "with_irr": ["loss.irr=1.0"], "with_irr_masked_global": ["loss.irr=1.0",
+                                                                                  "method.mask_global_text=true"]}},
+    "fcsa": {"config": "configs/fcsa_synth.yaml", "authors": [],
+             "ablations": {"no_cmrs_image": ["loss.cmrs_image=0"], "no_cmrs_text": ["loss.cmrs_text=0"],
+                           "no_sgmm": ["method.saliency=random"], "no_swap": ["method.swap_rate=0"],
+                           "clean_global": ["method.global_mask_prob=0"]}},
+    "cffa": {"config": "configs/cffa_synth.yaml", "authors": [],
+             "ablations": {"sdm_for_mal": ["loss.mal=0", "loss.sdm=1.0"], "no_irr": ["loss.irr=0"],
+                           "no_aug": ["method.text_aug_prob=0"], "mal_tau_scale": ["method.mal_negative_scale=tau"],
+                           "no_flfr_score": ("from", ["method.inference=global"])}},
+    "acsa": {"config": "configs/acsa_synth.yaml",
+             "authors": ["loss.cmpc=4.0", "method.cmpm_label_norm=l2", "method.fuse_directions=i2t",
+                         "method.scale_global=mean"],
+             "ablations": {"no_cross_attention": ["method.cross_attention=false"], "no_cmpc": ["loss.cmpc=0"],
+                           "no_cmpm_gate": ["method.cmpm_gate=0"], "channel_regions": ["method.regions=channel"],
+                           "global_score": ("from", ["method.fuse_weight=1.0"])}},
+    "pcc": {"config": "configs/pcc_synth.yaml", "authors": [],
+            "ablations": {"no_coarse": ["method.coarse=false"], "no_fine": ["method.fine=false", "loss.cmr=0"],
+                          "fixed_margin": ["method.cmr_adaptive=false"], "pair_commonality": ["method.cmr_commonality=pair"]}},
+    "textreid": {"config": "configs/textreid_synth.yaml", "authors": [],
+                 "ablations": {"no_moco": ["loss.moco=0"], "no_align": ["loss.align=0"],
+                               "no_instance": ["loss.instance=0"]}},
+}
 
 
 SLOTS = 2  # runs at a time, one CPU thread each (see THREADS_ENV)
@@ -83,18 +126,24 @@ def data_lock():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_data() -> Path:
-    """The shared SynthPEDES comparison set, written once (call under the lock)."""
-    root = RUNS / "data"
+def data_params(ids: int | None) -> dict:
+    """The comparison set's parameters: ``DATA`` with ``ids`` identities when given."""
+    return {**DATA, "ids": int(ids)} if ids else dict(DATA)
+
+
+def ensure_data(params: dict | None = None) -> Path:
+    """The shared SynthPEDES comparison set, written once per parameter set (call under the lock)."""
+    params = params or DATA
+    root = RUNS / ("data" if params == DATA else f"data_{params['ids']}ids")
     stamp = root / "synth_params.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == DATA and (root / "reid_raw.json").is_file():
+    if stamp.is_file() and json.loads(stamp.read_text()) == params and (root / "reid_raw.json").is_file():
         return root
     from tbps.data.synth import generate_synthpedes
 
-    generate_synthpedes(root, num_ids=DATA["ids"], images_per_id=DATA["images_per_id"],
-                        captions_per_image=DATA["captions_per_image"], height=DATA["height"],
-                        width=DATA["width"], seed=DATA["seed"], progress=True)
-    stamp.write_text(json.dumps(DATA))
+    generate_synthpedes(root, num_ids=params["ids"], images_per_id=params["images_per_id"],
+                        captions_per_image=params["captions_per_image"], height=params["height"],
+                        width=params["width"], seed=params["seed"], progress=True)
+    stamp.write_text(json.dumps(params))
     return root
 
 
@@ -132,86 +181,193 @@ def count_params(checkpoint: Path) -> float:
     return round(sum(v.numel() for v in state.values() if v.is_floating_point()) / 1e6, 2)
 
 
-def save_row(row: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    if RESULTS.is_file():
-        rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+def save_row(row: dict, results: Path = RESULTS) -> None:
+    results.parent.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(results)
     rows = [r for r in rows if r["name"] != row["name"]] + [row]
-    tmp = RESULTS.with_suffix(".tmp")
+    tmp = results.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, results)
+
+
+def seconds_per_step(run_dir: Path) -> float | None:
+    """Mean over epochs of batch size / pairs per second at the epoch's last logged train row."""
+    import yaml
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    batch = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["batch_size"]
+    last: dict[int, float] = {}
+    for r in rows:
+        if r.get("split") == "train" and r.get("pairs_per_s"):
+            last[int(float(r["epoch"]) - 1e-9)] = float(r["pairs_per_s"])
+    return round(statistics.mean(batch / rate for rate in last.values()), 4) if last else None
+
+
+def spread(values: list[float]) -> float:
+    """Sample standard deviation (0 for one value): the noise band a row reports."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def train_one(name: str, config: str, overrides: list[str], seed: int, epochs: int, data_root: Path,
+              out: Path) -> dict:
+    """Train one seed of a row into ``out`` and score it; returns that seed's record."""
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "tbps", "train", "--config", config, "--output-dir", str(out),
+           f"data.root={data_root}", f"train.epochs={epochs}", f"train.seed={seed}",
+           "train.eval_split=none", "train.device=cpu", *overrides]
+    print(f"[{name} seed {seed}] {' '.join(cmd[1:])}", flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **THREADS_ENV})
+    if proc.returncode != 0:
+        raise SystemExit(f"[{name}] training failed (exit {proc.returncode})")
+    record = {"seed": seed, "dir": str(out.relative_to(RUNS)), "train_seconds": round(time.perf_counter() - started, 1)}
+    record["steps"] = json.loads((out / "train_summary.json").read_text())["steps"]
+    record["seconds_per_step"] = seconds_per_step(out)
+    return record
 
 
 def run(args: argparse.Namespace) -> None:
     name = args.name
     if bool(args.config) == bool(args.source):
         raise SystemExit("give exactly one of --config (train a row) or --from (re-score a row's checkpoint)")
+    params = data_params(args.ids)
     with data_lock():
-        data_root = ensure_data()
+        data_root = ensure_data(params)
+    seeds = list(args.seeds) if args.seeds else [SEED]
+    epochs = args.epochs or EPOCHS
     with cpu_slot(name):
-        out = RUNS / name
-        epochs = [o.split("=", 1)[1] for o in args.overrides if o.startswith("train.epochs=")]
-        row = {"name": name, "overrides": list(args.overrides), "epochs": int(epochs[-1]) if epochs else EPOCHS,
-               "seed": SEED, "data": DATA,
-               "commit": _git_commit(), "date": datetime.date.today().isoformat()}
+        given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("train.epochs=")]
+        row = {"name": name, "overrides": list(args.overrides), "epochs": int(given[-1]) if given else epochs,
+               "seeds": seeds, "data": params, "commit": _git_commit(), "date": datetime.date.today().isoformat()}
+        records = []
         if args.config:
-            if out.exists():
-                shutil.rmtree(out)
-            cmd = [sys.executable, "-m", "tbps", "train", "--config", args.config, "--output-dir", str(out),
-                   f"data.root={data_root}", f"train.epochs={EPOCHS}", f"train.seed={SEED}",
-                   "train.eval_split=none", "train.device=cpu", *args.overrides]
-            print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
-            started = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **THREADS_ENV})
-            if proc.returncode != 0:
-                raise SystemExit(f"[{name}] training failed (exit {proc.returncode})")
-            row["train_seconds"] = round(time.perf_counter() - started, 1)
-            summary = json.loads((out / "train_summary.json").read_text())
-            row.update(config=args.config, steps=summary["steps"])
-            checkpoint, eval_overrides = out / "last.pt", []
+            for seed in seeds:
+                # one seed keeps the old layout (runs/compare/NAME); several get a folder each
+                out = RUNS / name if seeds == [SEED] and not args.seeds else RUNS / name / f"seed{seed}"
+                records.append(train_one(name, args.config, list(args.overrides), seed, epochs, data_root, out))
+            row["config"] = args.config
+            eval_overrides: list[str] = []
         else:
-            source = RUNS / args.source
-            checkpoint, eval_overrides = source / "last.pt", list(args.overrides)
-            if not checkpoint.is_file():
-                raise SystemExit(f"{checkpoint}: no checkpoint; run `{Path(__file__).name} run {args.source} "
-                                 f"--config ...` first")
-            previous = {r["name"]: r for r in load_rows()}.get(args.source, {})
-            row.update(source=args.source, config=previous.get("config", ""),
+            previous = {r["name"]: r for r in load_rows(args.results)}.get(args.source)
+            if previous is None:
+                raise SystemExit(f"row {args.source!r} is not in {args.results}; run it first")
+            runs = previous.get("runs") or [{"seed": previous.get("seed", SEED), "dir": args.source,
+                                             "train_seconds": previous.get("train_seconds"),
+                                             "steps": previous.get("steps")}]
+            records = [{k: v for k, v in r.items() if k not in METRICS} for r in runs]
+            row.update(source=args.source, config=previous.get("config", ""), seeds=[r["seed"] for r in runs],
                        overrides=previous.get("overrides", []) + list(args.overrides),
-                       eval_overrides=list(args.overrides), steps=previous.get("steps"),
-                       train_seconds=previous.get("train_seconds"))
-        print(f"[{name}] evaluating {checkpoint} on the test split", flush=True)
-        metrics = evaluate(checkpoint, eval_overrides)
-        row.update({k: round(float(metrics[k]), 2) for k in METRICS})
-        row["eval_seconds"] = round(float(metrics["eval_seconds"]), 2)
-        row["params_m"] = count_params(checkpoint)
-        save_row(row)
-    print(f"[{name}] " + "  ".join(f"{k} {row[k]:.2f}" for k in METRICS)
-          + f"  train {row.get('train_seconds')} s  eval {row['eval_seconds']} s")
+                       eval_overrides=list(args.overrides))
+            eval_overrides = list(args.overrides)
+        for record in records:
+            checkpoint = RUNS / record["dir"] / "last.pt"
+            if not checkpoint.is_file():
+                raise SystemExit(f"{checkpoint}: no checkpoint")
+            print(f"[{name} seed {record['seed']}] evaluating {checkpoint} on the test split", flush=True)
+            metrics = evaluate(checkpoint, eval_overrides)
+            record.update({k: round(float(metrics[k]), 2) for k in METRICS})
+            record["eval_seconds"] = round(float(metrics["eval_seconds"]), 2)
+        row["runs"] = records
+        for k in METRICS:
+            values = [r[k] for r in records]
+            row[k], row[f"{k}_sd"] = round(statistics.mean(values), 2), round(spread(values), 2)
+        for k in ("train_seconds", "eval_seconds", "seconds_per_step", "steps"):
+            values = [r[k] for r in records if r.get(k) is not None]
+            row[k] = round(statistics.mean(values), 4) if values else None
+        row["params_m"] = count_params(RUNS / records[0]["dir"] / "last.pt")
+        save_row(row, args.results)
+    print(f"[{name}] " + "  ".join(f"{k} {row[k]:.2f}±{row[k + '_sd']:.2f}" for k in METRICS)
+          + f"  {row['seconds_per_step']} s/step  ({len(records)} seed{'s' if len(records) > 1 else ''})")
 
 
-def load_rows() -> list[dict]:
-    if not RESULTS.is_file():
+def suite_rows(method: str) -> list[tuple[str, list[str]]]:
+    """``(row name, run arguments)`` of a method's row and of each of its ablations."""
+    entry = SUITE[method]
+    rows = [(method, ["--config", entry["config"], *entry["authors"]])]
+    for suffix, change in entry["ablations"].items():
+        if isinstance(change, tuple):  # re-score the method's own checkpoints
+            rows.append((f"{method}-{suffix}", ["--from", method, *change[1]]))
+        else:
+            rows.append((f"{method}-{suffix}", ["--config", entry["config"], *entry["authors"], *change]))
+    return rows
+
+
+def _suite_commands(args: argparse.Namespace) -> list[list[str]]:
+    unknown = [m for m in args.methods if m not in SUITE]
+    if unknown:
+        raise SystemExit(f"unknown method {unknown[0]!r} (known: {', '.join(SUITE)})")
+    extra = []
+    if args.seeds:
+        extra += ["--seeds", *map(str, args.seeds)]
+    if args.epochs:
+        extra += ["--epochs", str(args.epochs)]
+    if args.ids:
+        extra += ["--ids", str(args.ids)]
+    if args.results != RESULTS:
+        extra += ["--results", str(args.results)]
+    commands = []
+    for method in args.methods or list(SUITE):
+        for name, run_args in suite_rows(method):
+            changes = list(args.overrides) if run_args[0] == "--config" else []
+            commands.append(["run", name, *run_args, *changes, *extra])
+    return commands
+
+
+def plan(args: argparse.Namespace) -> None:
+    for command in _suite_commands(args):
+        print(shlex.join(["python", "benchmarks/compare_methods.py", *command]))
+
+
+def suite(args: argparse.Namespace) -> None:
+    for command in _suite_commands(args):
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *command], cwd=REPO)
+        if proc.returncode != 0:
+            raise SystemExit(f"suite stopped at: {shlex.join(command)}")
+
+
+def load_rows(results: Path = RESULTS) -> list[dict]:
+    if not results.is_file():
         return []
-    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+
+
+def _band(row: dict, key: str) -> str:
+    """``mean ± spread`` for a row with several seeds, the bare value for an old one-seed row."""
+    if len(row.get("runs") or []) > 1:
+        return f"{row[key]:.2f} ± {row.get(key + '_sd', 0.0):.2f}"
+    return f"{row[key]:.2f}"
 
 
 def table(args: argparse.Namespace) -> None:
-    rows = load_rows()
+    rows = load_rows(args.results)
     if args.names:
         order = {n: i for i, n in enumerate(args.names)}
         rows = sorted((r for r in rows if r["name"] in order), key=lambda r: order[r["name"]])
-    print("| run | recipe and changes | R1 | R5 | R10 | mAP | mINP | train (min) | eval (s) | params (M) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| run | recipe and changes | seeds | R1 | R5 | R10 | mAP | mINP | s/step | train (min) | eval (s) | params (M) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         changes = " ".join(f"`{o}`" for o in r.get("overrides", []))
         recipe = f"`{Path(r.get('config') or '?').name}`" + (f" {changes}" if changes else "")
         if r.get("source"):
-            recipe += f" (checkpoint of `{r['source']}`, re-scored)"
+            recipe += f" (checkpoints of `{r['source']}`, re-scored)"
         train_min = f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-"
-        print(f"| {r['name']} | {recipe} | " + " | ".join(f"{r[k]:.2f}" for k in METRICS)
-              + f" | {train_min} | {r['eval_seconds']:.1f} | {r.get('params_m', '-')} |")
+        per_step = f"{r['seconds_per_step']:.3f}" if r.get("seconds_per_step") else "-"
+        seeds = len(r.get("runs") or [r]) if r.get("runs") else 1
+        print(f"| {r['name']} | {recipe} | {seeds} | {_band(r, 'R1')} | {r['R5']:.2f} | {r['R10']:.2f} | "
+              f"{_band(r, 'mAP')} | {r['mINP']:.2f} | {per_step} | {train_min} | {r['eval_seconds']:.1f} | "
+              f"{r.get('params_m', '-')} |")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, nargs="+", help=f"train each row once per seed (default: {SEED}); "
+                   "the row reports the mean and spread")
+    p.add_argument("--epochs", type=int, help=f"epochs of every run (default {EPOCHS})")
+    p.add_argument("--ids", type=int, help=f"identities of the comparison set (default {DATA['ids']}; "
+                   "another value writes its own set)")
+    p.add_argument("--results", type=Path, default=RESULTS,
+                   help="jsonl file of the rows (default benchmarks/results/synth_methods.jsonl); "
+                   "keep a comparison at another budget in its own file")
 
 
 def main() -> None:
@@ -220,18 +376,32 @@ def main() -> None:
     p = sub.add_parser("run", help="train (or re-score) one row and record it")
     p.add_argument("name", help="row name, e.g. fcsa or fcsa_no_sgmm; also the run folder under runs/compare/")
     p.add_argument("--config", help="recipe to train, e.g. configs/fcsa_synth.yaml")
-    p.add_argument("--from", dest="source", help="re-score this row's last.pt instead of training")
+    p.add_argument("--from", dest="source", help="re-score this row's checkpoints instead of training")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="with --config: training changes; with --from: inference-time changes")
+    _common(p)
     p.set_defaults(func=run)
+    for name, func, text in (("plan", plan, "print the run commands of methods' rows and paper ablations"),
+                             ("suite", suite, "run methods' rows and paper ablations one after another")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("methods", nargs="*", metavar="method", help=f"of {', '.join(SUITE)} (default: all)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", default=[],
+                       help="added to every training run, e.g. train.max_steps=2 for a smoke test")
+        _common(p)
+        p.set_defaults(func=func)
     p = sub.add_parser("table", help="print the recorded rows as a markdown table")
     p.add_argument("names", nargs="*", help="rows to print, in this order (default: all)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="jsonl file of the rows")
     p.set_defaults(func=table)
     args, extra = parser.parse_known_args()
-    # key=value changes may stand anywhere on a `run` line, also after --config / --from
-    if extra and (args.command != "run" or any("=" not in e or e.startswith("-") for e in extra)):
+    # key=value changes may stand anywhere on a run / plan / suite line
+    if extra and (args.command == "table" or any("=" not in e or e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:
+    if args.command in ("plan", "suite"):  # methods and key=value changes share the positional slots
+        words = list(args.methods) + list(args.overrides) + extra
+        args.methods = [w for w in words if "=" not in w]
+        args.overrides = [w for w in words if "=" in w]
+    elif extra:
         args.overrides = list(args.overrides) + extra
     args.func(args)
 

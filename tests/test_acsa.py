@@ -302,3 +302,117 @@ def test_options_are_checked_with_one_line_errors(tokenizer):
     cfg.loss = {"sdm": 1.0}
     with pytest.raises(TBPSError, match="unknown loss"):
         build_model(cfg, 2, tokenizer)
+
+
+# ----------------------------------------------------------------------------- the authors' recipe
+
+def test_cmpm_is_gated_below_half_as_the_authors_code(tokenizer, monkeypatch):
+    """utils/metric.py Loss.forward: total = 4 CMPC + 0.1 cont, plus CMPM only while CMPM >= 0.5."""
+    import tbps.models.acsa as acsa_module
+
+    model = build_model(acsa_config(), 2, tokenizer)
+    model.loss_weights = {"cmpm": 1.0, "cmpc": 4.0, "cross_scale": 0.1}
+    for value, active in ((0.3, 0.0), (0.5, 1.0), (2.0, 1.0)):
+        monkeypatch.setattr(acsa_module, "cmpm_loss", lambda *a, v=value, **k: torch.tensor(v, requires_grad=True))
+        out = model(_batch(tokenizer))
+        assert out["loss_cmpm"].item() == pytest.approx(value * active)
+        assert out["cmpm"].item() == pytest.approx(value) and out["cmpm_active"].item() == active
+    model.options.cmpm_gate = 0.0
+    out = model(_batch(tokenizer))
+    assert out["cmpm_active"].item() == 1.0
+
+
+def test_channel_regions_are_the_authors_chunks_of_the_global_vector(tokenizer):
+    """models/model.py: residual block on the global vector, six chunks, head = 1-2, upper = 2-3,
+    lower = 4-5, feet = 6, each Linear + ReLU (+ dropout) to D; they take the region slots."""
+    from tbps.models.acsa import ChannelRegions
+
+    torch.manual_seed(0)
+    regions = ChannelRegions(12).eval()
+    x = torch.randn(3, 12)
+    lin1, bn1, _, lin2, bn2 = regions.block
+    r = F.relu(x + bn2(lin2(F.relu(bn1(lin1(x))))))
+    chunks = r.view(3, 6, 2)
+    for k, (a, b) in enumerate(((0, 2), (1, 3), (3, 5), (5, 6))):
+        linear = regions.heads[k][0]
+        want = F.relu(chunks[:, a:b].reshape(3, -1) @ linear.weight.t() + linear.bias)
+        torch.testing.assert_close(regions(x)[:, k], want)
+    assert ChannelRegions(32).spans == [(0, 10), (5, 16), (16, 26), (26, 32)]  # bounds floor(k * 32 / 6)
+    model = build_model(acsa_config(regions="channel"), 2, tokenizer)
+    assert model.image_encoder.region_proj is None
+    out = model(_batch(tokenizer))
+    sum(v for k, v in out.items() if k.startswith("loss_")).backward()
+    assert model.channel_regions.heads[0][0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert model.eval().embed_images(_batch(tokenizer)["images"])["scale_query"].shape == (4, 1 + 4 + 4, 32)
+    with pytest.raises(TBPSError, match="num_regions=4"):
+        build_model(acsa_config(regions="channel", num_regions=3), 2, tokenizer)
+
+
+def test_fuse_directions_score_the_image_to_text_term_alone(tokenizer):
+    model = build_model(acsa_config(fuse_directions="i2t"), 2, tokenizer).eval()
+    with torch.no_grad():
+        images, texts = model.embed_images(_batch(tokenizer)["images"]), model.embed_texts(tokenizer(CAPTIONS))
+        i2t = blocked_cross_scale_similarity(texts, images, 1 << 20, attn_lambda=20.0, leaky_slope=0.1,
+                                             directions="i2t")
+    torch.testing.assert_close(model.similarity(texts, images),
+                               0.9 * (texts["global"] @ images["global"].t()) + 0.1 * i2t)
+
+
+def test_recipe_and_step_schedule_are_the_authors(tokenizer):
+    """config.py: AdamW lr 8e-5, weight decay 0.05, MultiStepLR([8, 15, 20], 0.1) stepped per epoch."""
+    from tbps.config import load_config
+    from tbps.engine.optim import lr_factor
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "acsa_base.yaml")
+    assert cfg.loss == {"cmpm": 1.0, "cmpc": 4.0, "cross_scale": 0.1}
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay) == ("adamw", 8e-5, 0.05)
+    assert cfg.method["fuse_directions"] == "i2t" and cfg.method["cmpm_gate"] == 0.5
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.optim.milestones, cfg.optim.gamma)
+    for epoch in range(cfg.train.epochs):
+        for step in range(epoch * 3, epoch * 3 + 3):
+            assert lr_factor(step, cfg.optim, 3, 60, 1.0) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+
+
+def test_cross_scale_image_rows_loss_matches_a_direct_computation():
+    """utils/metric.py contrastive_loss: per image i, softmax over captions j of each direction's
+    score, KL to the L2-normalised labels, mean over images, summed over the two directions."""
+    from tbps.losses import cross_scale_image_rows_loss
+
+    g = torch.Generator().manual_seed(4)
+    i2t, t2i = torch.rand(6, 6, generator=g, dtype=torch.float64), torch.rand(6, 6, generator=g, dtype=torch.float64)
+    pids = [0, 0, 1, 2, 2, 2]
+    for norm in ("l2", "l1"):
+        total = 0.0
+        for matrix in (i2t, t2i):  # given (caption, image): row i of the code's matrix is column i here
+            for i in range(6):
+                logits = [20.0 * float(matrix[j, i]) for j in range(6)]
+                z = math.log(sum(math.exp(v) for v in logits))
+                count = sum(p == pids[i] for p in pids)
+                denom = math.sqrt(count) if norm == "l2" else count
+                for j in range(6):
+                    p = math.exp(logits[j] - z)
+                    q = (1.0 / denom) if pids[j] == pids[i] else 0.0
+                    total += p * (logits[j] - z - math.log(q + 1e-8)) / 6
+        got = cross_scale_image_rows_loss(i2t, t2i, torch.tensor(pids), 20.0, norm)
+        assert got.item() == pytest.approx(total, rel=1e-9)
+
+
+def test_code_cross_loss_and_mean_global_scale(tokenizer):
+    model = build_model(acsa_config(scale_global="mean"), 2, tokenizer)
+    assert model.options.cross_loss == "image_rows"
+    out = model(_batch(tokenizer))
+    assert torch.isfinite(out["loss_cross_scale"])
+    with torch.no_grad():
+        model.eval()
+        scales = model.image_encoder(_batch(tokenizer)["images"])["scales"]
+        want = model.image_query(torch.cat([scales[:, 1:].mean(1, keepdim=True), scales[:, 1:]], dim=1))
+        torch.testing.assert_close(model.embed_images(_batch(tokenizer)["images"])["scale_query"],
+                                   F.normalize(want, dim=-1))
+    mean = build_model(acsa_config(cross_loss="mean"), 2, tokenizer)
+    assert torch.isfinite(mean(_batch(tokenizer))["loss_cross_scale"])

@@ -11,7 +11,7 @@ import torch
 
 from tbps.config import Config, load_config
 from tbps.errors import TBPSError
-from tbps.losses import mal_loss
+from tbps.losses import mal_loss, mal_negative_scale
 from tbps.models import METHODS, build_model
 from tbps.models.cffa import CFFA, CFFAOptions, FLFRHead, select_top_tokens
 from tbps.models.masking import augment_tokens
@@ -29,8 +29,11 @@ def tiny_config(loss: dict | None = None, **method) -> Config:
 
 # ----------------------------------------------------------------------------- MAL
 
-def _mal_direct(image: torch.Tensor, text: torch.Tensor, pids: list[int], margin: float, tau: float) -> list[float]:
-    """Per-query MAL (text-to-image + image-to-text) written out with loops, in float64."""
+def _mal_direct(image: torch.Tensor, text: torch.Tensor, pids: list[int], margin: float, tau: float,
+                scale: float | None = None) -> list[float]:
+    """Per-query MAL (text-to-image + image-to-text) written out with loops, in float64; ``scale``
+    multiplies the log-sum-exp of the negatives (tau when None)."""
+    scale = tau if scale is None else scale
     n = len(pids)
     img = [image[j] / image[j].norm() for j in range(n)]
     txt = [text[i] / text[i].norm() for i in range(n)]
@@ -43,7 +46,7 @@ def _mal_direct(image: torch.Tensor, text: torch.Tensor, pids: list[int], margin
             return 0.0
         z = sum(math.exp(row[j] / tau) for j in pos)
         weighted = sum(math.exp(row[j] / tau) / z * row[j] for j in pos)
-        smooth_max = tau * math.log(sum(math.exp(row[j] / tau) for j in neg))
+        smooth_max = scale * math.log(sum(math.exp(row[j] / tau) for j in neg))
         return max(0.0, margin - weighted + smooth_max)
 
     columns = [[s[i][j] for i in range(n)] for j in range(n)]  # image j against every text
@@ -64,6 +67,37 @@ def test_mal_matches_direct_computation(tau):
     assert mean.dtype == torch.float64
     assert mean.item() == pytest.approx(sum(expected) / 8, rel=1e-9, abs=1e-12)
     assert total.item() == pytest.approx(sum(expected), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("batch", [8, 32, 64, 100])
+def test_mal_with_cffa_codes_negative_scale_matches_direct_computation(batch):
+    """CFFA's code: the negative term is scaled by floor(1000/B)/1000, which equals tau = 0.015 only
+    at B = 64."""
+    scale = mal_negative_scale(batch)
+    assert scale == math.floor(1000 / batch) / 1000
+    assert (scale == 0.015) == (batch == 64)
+    g = torch.Generator().manual_seed(3)
+    pids = [0, 0, 1, 2, 2, 2, 3, 4]
+    image = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    text = image + 0.8 * torch.randn(8, 6, generator=g, dtype=torch.float64)
+    expected = _mal_direct(image, text, pids, margin=0.1, tau=0.015, scale=scale)
+    got = mal_loss(image, text, torch.tensor(pids), margin=0.1, tau=0.015, reduction="sum", negative_scale=scale)
+    assert got.item() == pytest.approx(sum(expected), rel=1e-9, abs=1e-12)
+
+
+def test_cffa_uses_the_batch_scale_and_flfr_heads_train_at_a_fixed_lr():
+    from tbps.config import OptimConfig
+    from tbps.engine.optim import parameter_groups
+
+    model = build_model(tiny_config(), num_classes=4, tokenizer=TOKENIZER)
+    assert model.options.mal_negative_scale == "batch"
+    groups = {n: g["lr"] for g in parameter_groups(model, OptimConfig(lr=1e-5, new_lr_factor=5.0)) for n in g["names"]}
+    heads = [n for n in groups if n.startswith(("image_local_head.", "text_local_head."))]
+    assert heads and all(groups[n] == 1e-3 for n in heads)
+    assert groups["classifier.weight"] == pytest.approx(5e-5)
+    model = build_model(tiny_config(flfr_lr=0.0), num_classes=4, tokenizer=TOKENIZER)
+    groups = {n: g["lr"] for g in parameter_groups(model, OptimConfig(lr=1e-5, new_lr_factor=5.0)) for n in g["names"]}
+    assert groups["image_local_head.linear.weight"] == pytest.approx(5e-5)
 
 
 def test_mal_gradient_treats_positive_weights_as_constants():

@@ -144,6 +144,51 @@ def test_cmrs_triplet_loss_matches_a_direct_computation():
     assert got.item() == 0.0
 
 
+def test_cmrs_triplet_loss_with_a_given_negative_image_matches_a_direct_computation():
+    """FCSA's code: the negative image of row i is named (by global text-to-image cosine), not the
+    hardest reconstruction: L_img_i = [m + d(p_i, t_i) - d(p_i, t_{n_i})]_+ where y_{n_i} != y_i."""
+    g = torch.Generator().manual_seed(2)
+    pred, target, pred_neg = (torch.randn(6, 5, generator=g) for _ in range(3))
+    pids = torch.tensor([0, 0, 1, 1, 2, 2])
+    negative_image = torch.tensor([2, 5, 0, 1, 3, 4])  # row 5's pick (4) is its own identity: no term
+    p, t = F.normalize(pred.double(), dim=-1), F.normalize(target.double(), dim=-1)
+    pn = F.normalize(pred_neg.double(), dim=-1)
+    for margin in (0.0, 0.5, 2.0):
+        want = 0.0
+        for i in range(6):
+            d_pos = torch.dist(p[i], t[i]).item()
+            want += max(0.0, margin + d_pos - torch.dist(pn[i], t[i]).item())
+            j = int(negative_image[i])
+            if pids[j] != pids[i]:
+                want += max(0.0, margin + d_pos - torch.dist(p[i], t[j]).item())
+        got = cmrs_triplet_loss(pred, target, pred_neg, pids, margin, negative_image=negative_image)
+        assert got.item() == pytest.approx(want / 6, abs=1e-5)
+
+
+def test_global_captions_are_bert_masked_and_the_text_branch_sees_the_clean_copy(monkeypatch):
+    """The authors' loader masks the captions ID/CMPM see (p = 0.35, 80/10/10); SGMM's text branch
+    masks the clean caption. ``global_mask_prob=0`` keeps every caption clean (the paper's reading)."""
+    batch = batch_of()
+    for prob in (0.35, 0.0):
+        model = build_model(tiny_config(swap_rate=0.0, global_mask_prob=prob), num_classes=4, tokenizer=TOKENIZER)
+        assert model.options.cmpm_label_norm == "l2"
+        calls: list[torch.Tensor] = []
+        encode, text_cmrs = model.text_encoder.forward, model.text_cmrs
+        monkeypatch.setattr(model.text_encoder, "forward",
+                            lambda ids, *a, _f=encode, **k: calls.append(ids) or _f(ids, *a, **k))
+        sgmm: list[torch.Tensor] = []
+        monkeypatch.setattr(model, "text_cmrs", lambda ids, *a, _f=text_cmrs: sgmm.append(ids) or _f(ids, *a))
+        torch.manual_seed(0)
+        model(batch)
+        global_ids = calls[0]  # the first text pass feeds ID and CMPM
+        assert torch.equal(sgmm[0], batch["token_ids"])
+        if prob == 0.0:
+            assert torch.equal(global_ids, batch["token_ids"])
+        else:
+            changed = global_ids != batch["token_ids"]
+            assert changed.any() and (global_ids[changed] == MASK).float().mean() > 0.5
+
+
 def test_cmrs_triplet_terms_are_zero_when_the_margin_is_met():
     target = torch.eye(4)  # four identities, orthogonal targets: other targets at distance sqrt(2)
     pred = target + 0.01 * torch.randn(4, 4)  # each prediction next to its own target
@@ -170,7 +215,7 @@ def test_gradients_reach_the_encoders_through_the_masked_reencoding():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.image_reconstructor.parameters())
 
     model.zero_grad(set_to_none=True)
-    loss, _ = model.text_cmrs(batch["token_ids"], image_out, text_out)
+    loss, _ = model.text_cmrs(batch["token_ids"], image_out, text_out["tokens"])
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text_encoder.parameters())
     assert all(p.grad is None for p in model.image_encoder.parameters())
@@ -194,11 +239,12 @@ def test_training_step_losses_finite_and_gradients_everywhere():
 # ----------------------------------------------------------------------------- hard-positive swap
 
 def test_swap_takes_the_least_similar_candidate_in_disjoint_rows():
-    model = build_model(tiny_config(swap_rate=0.5), num_classes=4, tokenizer=TOKENIZER)
+    model = build_model(tiny_config(swap_rate=0.5, swap_rows="disjoint"), num_classes=4, tokenizer=TOKENIZER)
     batch = batch_of(k=3)
     torch.manual_seed(5)
-    images, token_ids, image_rows, text_rows = model.swap_hard_positives(
-        batch["images"], batch["token_ids"], batch["pos_images"], batch["pos_token_ids"])
+    clean, pos_clean = batch["token_ids"] + 1, batch["pos_token_ids"] + 1  # stand-ins for the unmasked copies
+    images, token_ids, image_rows, text_rows, clean_ids = model.swap_hard_positives(
+        batch["images"], batch["token_ids"], batch["pos_images"], batch["pos_token_ids"], clean, pos_clean)
     assert model.training and model.image_encoder.training  # the choice ran in eval mode, then restored
     assert image_rows.numel() + text_rows.numel() == 8  # rate 0.5 twice: every row, each once
     assert not set(image_rows.tolist()) & set(text_rows.tolist())
@@ -212,8 +258,34 @@ def test_swap_takes_the_least_similar_candidate_in_disjoint_rows():
         for row in text_rows.tolist():
             v = F.normalize(model.encode_image(batch["images"][row:row + 1]), dim=-1)
             t = F.normalize(model.encode_text(batch["pos_token_ids"][row]), dim=-1)
-            assert torch.equal(token_ids[row], batch["pos_token_ids"][row, (t @ v.t()).argmin()])
+            pick = (t @ v.t()).argmin()
+            assert torch.equal(token_ids[row], batch["pos_token_ids"][row, pick])
+            assert torch.equal(clean_ids[row], pos_clean[row, pick])  # the clean copy follows the same swap
             assert torch.equal(images[row], batch["images"][row])
+        for row in image_rows.tolist():
+            assert torch.equal(clean_ids[row], clean[row])
+
+
+def test_exact_swap_rows_are_the_codes_counts_and_read_the_original_pairs():
+    """The code: int(0.1 B) rows per swap from two independent permutations (overlap allowed); the
+    caption choice of a row whose image was swapped reads its original image."""
+    model = build_model(tiny_config(swap_rate=0.5), num_classes=4, tokenizer=TOKENIZER)
+    assert model.options.swap_rows == "exact"
+    batch = batch_of(k=3)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        images, token_ids, image_rows, text_rows, _ = model.swap_hard_positives(
+            batch["images"], batch["token_ids"], batch["pos_images"], batch["pos_token_ids"])
+        assert image_rows.numel() == text_rows.numel() == 4
+        model.eval()
+        with torch.no_grad():
+            for row in text_rows.tolist():
+                v = F.normalize(model.encode_image(batch["images"][row:row + 1]), dim=-1)
+                t = F.normalize(model.encode_text(batch["pos_token_ids"][row]), dim=-1)
+                assert torch.equal(token_ids[row], batch["pos_token_ids"][row, (t @ v.t()).argmin()])
+        model.train()
+    with pytest.raises(TBPSError, match="swap_rate"):
+        build_model(tiny_config(swap_rate=0.6, swap_rows="disjoint"), num_classes=4, tokenizer=TOKENIZER)
 
 
 def test_swap_needs_positives():
@@ -251,7 +323,7 @@ def test_options_and_losses_validated():
     with pytest.raises(TBPSError, match="image_mask_ratio"):
         FCSAOptions(image_mask_ratio=1.0)
     with pytest.raises(TBPSError, match="swap_rate"):
-        FCSAOptions(swap_rate=0.6)
+        FCSAOptions(swap_rate=1.1)
     with pytest.raises(TBPSError, match="margin"):
         FCSAOptions(margin=-1)
     with pytest.raises(TBPSError, match="mlm_prob=0.3: IRRA's MLM option does not apply"):

@@ -152,3 +152,51 @@ def test_cross_modal_width_other_than_the_backbone_width():
     assert torch.isfinite(out["loss_irr"])
     with pytest.raises(TBPSError, match="not divisible"):
         build_model(tiny_config(cross_width=64, cross_heads=3), num_classes=8, tokenizer=TOKENIZER)
+
+
+# ----------------------------------------------------------------------------- saved options
+
+@pytest.mark.parametrize("name", ["irra", "cffa", "fcsa"])
+def test_build_model_writes_every_resolved_option_into_the_config(name, tmp_path):
+    """A run's config.yaml (and so its checkpoints) holds every method option, defaults included;
+    a config saved before that (recipe keys only) still builds the same model."""
+    import dataclasses
+
+    from tbps.config import load_config, save_config
+    from tbps.models import METHODS
+    from tiny_models import tiny_config
+
+    loss = {"irra": {"sdm": 1.0, "id": 1.0, "irr": 1.0}, "cffa": {"mal": 1.0, "id": 1.0, "irr": 1.4},
+            "fcsa": {"id": 1.0, "cmpm": 1.0, "cmrs_image": 1.0, "cmrs_text": 1.0}}[name]
+    old_style = {"cross_layers": 1} if name != "fcsa" else {"cross_layers": 1, "swap_rate": 0.0}
+    cfg = tiny_config(name, loss, old_style)
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=4, tokenizer=TOKENIZER)
+    fields = {f.name for f in dataclasses.fields(model.options)}
+    assert set(cfg.method) == fields and cfg.method == dataclasses.asdict(model.options)
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = load_config(tmp_path / "config.yaml")
+    assert saved.method == cfg.method
+    torch.manual_seed(0)
+    again = build_model(saved, num_classes=4, tokenizer=TOKENIZER)
+    assert again.options == model.options
+    for (key, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), key
+    old = tiny_config(name, loss, old_style)  # an old config: only the recipe's keys
+    assert METHODS.get(name)(old, 4, TOKENIZER).options == model.options
+
+
+@pytest.mark.parametrize("method", ["irra", "cffa"])
+@pytest.mark.parametrize("dataset", ["cuhk", "icfg", "rstp"])
+def test_paper_recipes_feed_masked_captions_to_the_global_losses(method, dataset):
+    """IRRA's datasets/bases.py masks caption_ids in place, so the published numbers come from
+    masked global captions: the paper recipes say so; the option's default stays the clean reading."""
+    from pathlib import Path
+
+    from tbps.config import load_config
+    from tbps.models.irra import IRRAOptions
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"{method}_{dataset}.yaml")
+    assert cfg.method["mask_global_text"] is True
+    assert cfg.optim.bias_lr == "base"
+    assert IRRAOptions().mask_global_text is False

@@ -424,3 +424,31 @@ def test_part_attention_and_figure(tokenizer, tmp_path):
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+def test_clip_vit_variant_uses_the_patch_grid_as_the_feature_map():
+    """The paper's second backbone: a CLIP ViT (its patch grid is the map the stripes cut) with
+    CLIP's text tower; the global embedding is the max over the projected patch tokens."""
+    from tiny_models import TOKENIZER, random_token_ids
+
+    cfg = base_config("pcc", {"id": 1.0, "rank": 1.0, "cmr": 1.0}, {"num_parts": 2, "heads": 2},
+                      image_backbone="tiny-vit", text="clip", embed_dim=128)
+    model = build_model(cfg, num_classes=4, tokenizer=TOKENIZER)
+    assert model.vit and model.grid == (4, 2) and model.stripes == [(0, 2), (2, 4)]
+    g = torch.Generator().manual_seed(0)
+    data = {"images": torch.randn(8, 3, 64, 32, generator=g), "token_ids": random_token_ids(8, g),
+            "pids": torch.arange(8) // 2}
+    out = model(data)
+    sum(v for k, v in out.items() if k.startswith("loss_")).backward()
+    assert model.image_encoder.backbone.conv1.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        feats = model.image_features(data["images"])
+        patches = model.image_proj(model.image_encoder(data["images"])["tokens"][:, 1:])
+        want = model.necks["global_image"](patches.amax(dim=1))
+        torch.testing.assert_close(feats["global"], want)
+        stripe0 = patches.view(8, 4, 2, 128)[:, 0:2].flatten(1, 2).amax(dim=1)
+        torch.testing.assert_close(feats["fine"][:, 0], model.necks["fine_image"](stripe0))
+    cfg.model.image_backbone = "resnet18"  # CLIP's text tower only beside a CLIP ViT
+    with pytest.raises(TBPSError, match="text_backbone"):
+        build_model(cfg, num_classes=4, tokenizer=TOKENIZER)

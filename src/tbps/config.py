@@ -62,6 +62,7 @@ class OptimConfig:
     lr: float = 1e-5  # backbone learning rate
     new_lr_factor: float = 5.0  # lr multiplier for modules that are not pretrained
     bias_lr_factor: float = 2.0
+    bias_lr: str = "group"  # biases at "group" rate x bias_lr_factor, or "base": lr x bias_lr_factor (IRRA's code)
     weight_decay: float = 4e-5
     weight_decay_bias: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -122,6 +123,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.text_pooling": ("default", "eot", "cls", "mean"),
     "optim.optimizer": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("cosine", "step", "constant"),
+    "optim.bias_lr": ("group", "base"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.eval_split": ("val", "test", "none"),
 }

@@ -8,6 +8,8 @@ features ``t_j`` (row i of each is the same pair), person ids ``y_i``, and the s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -203,7 +205,8 @@ def queue_infonce_loss(queries: Tensor, positive_keys: Tensor, queue: Tensor, qu
 
 
 def cmrs_triplet_loss(pred: Tensor, target: Tensor, pred_negative_text: Tensor, pids: Tensor,
-                      margin: float = 0.5, negative_text_valid: Tensor | None = None) -> Tensor:
+                      margin: float = 0.5, negative_text_valid: Tensor | None = None,
+                      negative_image: Tensor | None = None) -> Tensor:
     """FCSA's image-side cross-modal reconstruction loss (CMRS): a triplet loss on reconstructions.
 
     ``pred`` p_i: the masked patches of image i predicted from its caption, pooled; ``target`` t_i:
@@ -218,6 +221,12 @@ def cmrs_triplet_loss(pred: Tensor, target: Tensor, pred_negative_text: Tensor, 
 
     A row without another identity in the batch has no L_img term; ``negative_text_valid`` (B,)
     bool drops L_text where no negative caption existed.
+
+    ``negative_image`` (B,) long, when given, names the negative image n_i of each row instead of
+    the hardest reconstruction above (FCSA's code: the other identity's image that scores highest
+    for caption i by global text-to-image cosine), and then::
+
+        L_img_i  = [m + d_pos_i - d(p_i, t_{n_i})]_+          (rows where n_i is another identity)
     """
     p = F.normalize(_full_precision(pred), dim=-1)
     t = F.normalize(_full_precision(target), dim=-1)
@@ -226,16 +235,26 @@ def cmrs_triplet_loss(pred: Tensor, target: Tensor, pred_negative_text: Tensor, 
     text_term = F.relu(margin + d_pos - (p_neg - t).norm(dim=-1))
     if negative_text_valid is not None:
         text_term = text_term * negative_text_valid.to(text_term.dtype)
-    distances = torch.cdist(p, t)  # (B, B): d(p_i, t_j)
     different = ~_same_identity(pids, torch.float32).bool()
-    hardest = distances.masked_fill(~different, float("inf")).min(dim=1).values
-    has_negative = different.any(dim=1)
+    if negative_image is None:
+        distances = torch.cdist(p, t)  # (B, B): d(p_i, t_j)
+        hardest = distances.masked_fill(~different, float("inf")).min(dim=1).values
+        has_negative = different.any(dim=1)
+    else:
+        hardest = (p - t[negative_image]).norm(dim=-1)
+        has_negative = different.gather(1, negative_image.view(-1, 1)).squeeze(1)
     image_term = F.relu(margin + d_pos - torch.where(has_negative, hardest, d_pos + margin))
     return (text_term + image_term).sum() / p.shape[0]
 
 
+def mal_negative_scale(batch_size: int) -> float:
+    """CFFA's code scales MAL's negative term by ``floor(1000 / B) / 1000`` (1/B floored to three
+    decimals), not by tau: 0.015 = tau at B = 64, 0.031 at B = 32, 0.007 at B = 128."""
+    return math.floor(1000 / batch_size) / 1000
+
+
 def mal_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor, margin: float = 0.1, tau: float = 0.015,
-             reduction: str = "mean") -> Tensor:
+             reduction: str = "mean", negative_scale: float | None = None) -> Tensor:
     """Multi-association learning (MAL, CFFA): a soft-positive, smooth-hardest-negative ranking loss.
 
     Every same-identity pair is a positive, weighted by how well it already matches (a softmax over
@@ -245,13 +264,14 @@ def mal_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor, margin: floa
         s_ij      = cos(t_i, v_j)                       (text i against image j)
         P_i, N_i  = {j : y_j == y_i},  {j : y_j != y_i}
         a_ij      = softmax_{j in P_i}(s_ij / tau)       (no gradient)
-        L_t2i(i)  = [ m - sum_{j in P_i} a_ij s_ij + tau * log sum_{j in N_i} exp(s_ij / tau) ]_+
+        L_t2i(i)  = [ m - sum_{j in P_i} a_ij s_ij + c * log sum_{j in N_i} exp(s_ij / tau) ]_+
         L_i2t(i)  = the same on s transposed (image i against the texts)
         L         = 1/B sum_i (L_t2i(i) + L_i2t(i))     (reduction="mean")
                   =     sum_i (L_t2i(i) + L_i2t(i))     (reduction="sum", CFFA's code)
 
-    ``m = margin`` (0.1) and ``tau`` (0.015) are CFFA's. A query without negatives (the whole
-    batch is one person) contributes 0.
+    ``m = margin`` (0.1) and ``tau`` (0.015) are CFFA's. ``c = negative_scale``: tau when None (the
+    paper's smooth maximum), ``mal_negative_scale(B)`` in CFFA's code. A query without negatives
+    (the whole batch is one person) contributes 0.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"mal_loss reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -259,6 +279,7 @@ def mal_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor, margin: floa
     text_norm = F.normalize(_full_precision(text_feats), dim=-1)
     scores = text_norm @ image_norm.t()
     positive = _same_identity(pids, scores.dtype).bool()
+    scale = tau if negative_scale is None else float(negative_scale)
 
     def one_direction(s: Tensor) -> Tensor:
         logits = s / tau
@@ -267,7 +288,7 @@ def mal_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor, margin: floa
         # rows without negatives: a finite placeholder keeps logsumexp's gradient free of NaN
         negative_logits = logits.masked_fill(positive, float("-inf"))
         negative_logits = torch.where(has_negative.unsqueeze(1), negative_logits, torch.zeros_like(logits))
-        cost = (margin - (alpha * s).sum(dim=1) + tau * torch.logsumexp(negative_logits, dim=1)).clamp(min=0)
+        cost = (margin - (alpha * s).sum(dim=1) + scale * torch.logsumexp(negative_logits, dim=1)).clamp(min=0)
         return torch.where(has_negative, cost, torch.zeros_like(cost))
 
     per_query = one_direction(scores) + one_direction(scores.t())
@@ -438,3 +459,25 @@ def cross_scale_loss(similarity: Tensor, pids: Tensor, logit_scale: float = 20.0
                               else similarity.dtype, label_norm, "cross-scale")
     logits = logit_scale * _full_precision(similarity)
     return _matching_kl(logits, target, epsilon) + _matching_kl(logits.t(), target, epsilon)
+
+
+def cross_scale_image_rows_loss(i2t: Tensor, t2i: Tensor, pids: Tensor, logit_scale: float = 20.0,
+                                label_norm: str = "l2", epsilon: float = 1e-8) -> Tensor:
+    """ACSA's cross-scale loss as the authors' code computes it (``utils/metric.py``,
+    ``Loss.contrastive_loss``): each direction's score matrix, indexed by image i and caption j, is
+    turned into a distribution over the captions of each image and matched to the labels::
+
+        A_ij  = i2t score of image i and caption j    (image scales attend phrases)
+        B_ij  = t2i score of image i and caption j    (phrases attend image scales)
+        p_ij  = softmax_j(tau * A_ij),   p'_ij = softmax_j(tau * B_ij)
+        q_ij  = Y_ij / |Y_i|_2  (label_norm="l2", the code)  or  Y_ij / |Y_i|_1
+        L     = 1/B sum_i sum_j p_ij (log p_ij - log(q_ij + eps))
+              + 1/B sum_i sum_j p'_ij (log p'_ij - log(q_ij + eps))
+
+    ``i2t`` and ``t2i`` are given ``(T, G)`` (caption first, as ``cross_scale_similarity`` returns
+    them) and transposed here.
+    """
+    target = _matching_target(pids, torch.float32 if i2t.dtype in (torch.float16, torch.bfloat16) else i2t.dtype,
+                              label_norm, "cross-scale")
+    return (_matching_kl(logit_scale * _full_precision(i2t).t(), target, epsilon)
+            + _matching_kl(logit_scale * _full_precision(t2i).t(), target, epsilon))

@@ -76,17 +76,37 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, cfg: Config, num_clas
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a tbps checkpoint with ``weights_only=True``; one-line errors for what users hit."""
+    from tbps.safe_load import load_torch_file
+
     path = Path(path)
     if not path.is_file():
         raise TBPSError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, not a torch file, unsafe pickle content
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TBPSError(f"{path}: not a readable tbps checkpoint ({first[:200]})") from None
+    ckpt = load_torch_file(path, "tbps checkpoint")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise TBPSError(f"{path}: not a tbps checkpoint (expected the keys {', '.join(REQUIRED_KEYS)})")
+    _keep_legacy_clip_tokenizer(ckpt)
     return ckpt
+
+
+_LEGACY_CLIP_VOCAB = 49409
+_VOCAB_TABLES = ("token_embedding.weight", "word_embedding.weight", "mlm_head.fc.weight")
+
+
+def _keep_legacy_clip_tokenizer(ckpt: dict[str, Any]) -> None:
+    """Checkpoints written before ``<|mask|>`` took IRRA's id 49405 have 49,409-row token tables
+    (mask appended as 49408): they keep that tokenizer (``clip-legacy``), so they load and embed
+    exactly as before."""
+    data = ckpt["config"].get("data") if isinstance(ckpt.get("config"), dict) else None
+    state = ckpt.get("model")
+    if not isinstance(data, dict) or not isinstance(state, dict):
+        return
+    if str(data.get("tokenizer", "clip")).lower() != "clip":
+        return
+    if any(key.endswith(_VOCAB_TABLES) and isinstance(value, torch.Tensor) and value.ndim >= 1
+           and value.shape[0] == _LEGACY_CLIP_VOCAB for key, value in state.items()):
+        from tbps.data.tokenizers import CLIP_LEGACY_NAME
+
+        data["tokenizer"] = CLIP_LEGACY_NAME
 
 
 def unwrap(model: nn.Module) -> nn.Module:

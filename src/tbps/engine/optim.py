@@ -2,9 +2,18 @@
 
 Groups (benchmarks-protocol.md): pretrained backbone weights train at ``lr``; every module that is
 not pretrained (classifier, cross-modal transformer, projection heads) at ``lr * new_lr_factor``;
-biases at a further ``bias_lr_factor`` with ``weight_decay_bias``. The schedule is per optimiser
-step: a linear warm-up from ``warmup_factor`` over ``warmup_epochs``, then cosine to ``min_lr``
-(or step decay at ``milestones``).
+biases with ``weight_decay_bias`` at
+
+- ``bias_lr: group``: their group's rate times ``bias_lr_factor``;
+- ``bias_lr: base`` (IRRA's code, ``solver/build.py``, ``build_optimizer``, and CFFA's copy of it):
+  ``lr * bias_lr_factor`` wherever they sit, cross-modal modules included, except the biases of the
+  model's ``head_prefixes`` (IRRA: classifier and MLM head), which train at ``lr * new_lr_factor``.
+
+A model's ``fixed_lr`` (prefix -> lr) overrides all of that for its parameters (CFFA's FLFR heads
+train at 1e-3 in the authors' solver). The schedule is per optimiser step, the same multiplier for
+every group: a linear warm-up from ``warmup_factor`` over ``warmup_epochs``, then cosine to
+``min_lr`` (or step decay at ``milestones``: ``gamma ** (number of milestones <= epoch)``, which is
+torch's ``MultiStepLR`` stepped once an epoch, as ACSA's code does).
 """
 
 from __future__ import annotations
@@ -18,7 +27,12 @@ from tbps.errors import TBPSError
 
 
 def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Trainable parameters grouped by (lr, weight decay); each group keeps its parameter ``names``."""
+    if cfg.bias_lr not in ("group", "base"):
+        raise TBPSError(f"optim.bias_lr={cfg.bias_lr!r}: choose group or base")
     backbone_prefixes = tuple(getattr(model, "backbone_prefixes", ("image_encoder.", "text_encoder.")))
+    head_prefixes = tuple(getattr(model, "head_prefixes", ()))
+    fixed_lr = dict(getattr(model, "fixed_lr", {}) or {})
     groups: dict[tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -26,8 +40,16 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         lr = cfg.lr if name.startswith(backbone_prefixes) else cfg.lr * cfg.new_lr_factor
         weight_decay = cfg.weight_decay
         if name.endswith("bias"):
-            lr *= cfg.bias_lr_factor
             weight_decay = cfg.weight_decay_bias
+            if cfg.bias_lr == "group":
+                lr *= cfg.bias_lr_factor
+            elif head_prefixes and name.startswith(head_prefixes):
+                lr = cfg.lr * cfg.new_lr_factor
+            else:
+                lr = cfg.lr * cfg.bias_lr_factor
+        for prefix, value in fixed_lr.items():
+            if name.startswith(prefix):
+                lr = float(value)
         key = (lr, weight_decay)
         group = groups.setdefault(key, {"params": [], "names": [], "lr": lr, "weight_decay": weight_decay})
         group["params"].append(param)

@@ -212,15 +212,15 @@ class Trainer:
             reason = "is missing"
         else:
             try:
-                saved = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
+                saved = read_checkpoint(best)
                 matches = (float(saved.get("best_metric", -2)) == st.best_metric
                            and int(saved.get("epoch", -2)) == st.best_epoch)
                 ahead = int(saved.get("step", -1)) > st.step  # written just before a kill: redone below
                 if not (matches or ahead):
                     reason = (f"holds R1 {saved.get('best_metric')} of epoch {saved.get('epoch')}, not "
                               f"R1 {st.best_metric} of epoch {st.best_epoch}")
-            except Exception as exc:  # truncated or foreign file
-                reason = f"is unreadable ({type(exc).__name__})"
+            except TBPSError as exc:  # truncated or foreign file
+                reason = f"is unreadable ({exc})"
         if reason is not None:
             log.warning("%s %s although last.pt records it: the next evaluation writes it again", best, reason)
             st.best_metric, st.best_epoch = -1.0, -1

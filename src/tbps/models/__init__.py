@@ -6,6 +6,7 @@ and one import line at the bottom of this module.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from tbps.models.base import TBPSModel
@@ -22,9 +23,19 @@ def build_model(cfg: "Config", num_classes: int, tokenizer, load_pretrained: boo
 
     ``load_pretrained=False`` builds the architecture without reading backbone weight files: a
     checkpoint is about to overwrite every weight (inference, resume).
+
+    ``cfg.method`` is replaced by every option the method resolved (its ``options`` dataclass,
+    defaults included), so the config.yaml and checkpoints written from ``cfg`` afterwards keep the
+    values this run used: a default changed later never changes what an old checkpoint does. A
+    config saved before this (only the keys its recipe named) still loads, with the defaults of
+    the code that reads it.
     """
     method = METHODS.get(cfg.model.name)
-    return method(cfg, num_classes, tokenizer, load_pretrained=load_pretrained)
+    model = method(cfg, num_classes, tokenizer, load_pretrained=load_pretrained)
+    options = getattr(model, "options", None)
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        cfg.method = dataclasses.asdict(options)
+    return model
 
 
 # one line per method module: importing it registers the method
@@ -34,5 +45,6 @@ from tbps.models import cffa  # noqa: E402,F401
 from tbps.models import textreid  # noqa: E402,F401
 from tbps.models import pcc  # noqa: E402,F401
 from tbps.models import acsa  # noqa: E402,F401
+from tbps.models import clip  # noqa: E402,F401
 
 __all__ = ["METHODS", "TBPSModel", "build_model"]

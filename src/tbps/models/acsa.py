@@ -8,9 +8,13 @@ where both are silent, our choice, named as such):
   normed stage), *region* features (the final stage pooled into ``num_regions`` horizontal stripes:
   head / upper body / lower body / feet at 4, the authors' four regions) and *window* features (the
   stage before it, ``window_stage``, pooled into a ``window_grid`` of cells; the authors take 4
-  windows of Swin's third stage). Each scale has its own Linear into the joint width D. Where the
-  authors cut their regions out of the global vector's channels, we pool spatial stripes of the map
-  (our choice: a region should be a place in the image). Encoders: timm's Swin (``models/swin.py``,
+  windows of Swin's third stage). Each scale has its own Linear into the joint width D.
+  ``regions`` picks how regions are made: ``spatial`` (default; our choice: a region should be a
+  place in the image) pools stripes of the map; ``channel`` is the authors' code (``models/model.py``,
+  ``Model.forward``): the bottlenecked global vector goes through a residual block
+  (Linear-BN-ReLU-Linear-BN, + input, ReLU), is cut into 6 channel chunks, and head / upper body /
+  lower body / feet are chunks 1-2 / 2-3 / 4-5 / 6, each through Linear + ReLU + Dropout(0.5) to D
+  (``ChannelRegions``; needs ``num_regions: 4``). Encoders: timm's Swin (``models/swin.py``,
   ``model.image_backbone: swin_*``), or a CLIP ViT (``model.image_backbone: ViT-B-16`` etc.), whose
   last layer's patch tokens give the regions and an intermediate layer (``clip_window_layer``) the
   windows, its CLS token the global feature.
@@ -21,8 +25,10 @@ where both are silent, our choice, named as such):
   and each phrase read in its context; ``encode`` re-encodes each phrase alone as ``[CLS] phrase
   [SEP]`` and takes its [CLS] feature (the authors' code; ~``max_phrases`` more, short, text passes).
 - Global-level alignment: CMPM + CMPC on (global image, sentence) pairs (``losses.cmpm_loss``,
-  ``losses.cmpc_loss``), weight 1 each, after a BatchNorm1d "bottleneck" per modality (the authors'
-  code; ``bottleneck``). Why it matters: CMPM and CMPC score scalar projections ``v . t/|t|`` with
+  ``losses.cmpc_loss``), after a BatchNorm1d "bottleneck" per modality (the authors' code;
+  ``bottleneck``). The authors' code (``utils/metric.py``, ``Loss.forward``) weights CMPM + 4 CMPC +
+  0.1 cross-scale and drops CMPM from the total once it falls below 0.5 (``cmpm_gate``; the recipe
+  sets the weights in ``loss``). Why it matters: CMPM and CMPC score scalar projections ``v . t/|t|`` with
   no scale, so features of norm ~1 give near-uniform softmaxes and almost no gradient; the
   bottleneck's unit-variance output has norm ~sqrt(D), which puts the logits in a useful range.
 - Asymmetric cross-attention (``cross_scale_similarity``): image-scale queries (global, regions,
@@ -30,11 +36,17 @@ where both are silent, our choice, named as such):
   phrases attend over the image scales; attention = softmax(``attn_lambda`` * l2-normalised
   LeakyReLU(0.1) cosine), the normalisation running over the attending side, as in SCAN, on which
   the authors' code builds. Each direction's score is the mean cosine between a query's value and
-  its attended context; the cross-scale score is the mean of the two directions (our choice: the
-  authors' code keeps both matrices and applies an image-to-text softmax to each). Loss: CMPM's
-  matching form on that score (``losses.cross_scale_loss``, scale ``cross_logit_scale`` = 20, the
-  code's lambda), weight 0.1 (``loss.cross_scale``).
-- Inference: ``similarity = a * global cosine + (1 - a) * cross-scale``, ``a = fuse_weight`` (0.9).
+  its attended context; the cross-scale score (logged, and fused at inference when
+  ``fuse_directions`` is not set) is the mean of the two directions. Loss: CMPM's
+  matching form, weight 0.1 (``loss.cross_scale``), scale ``cross_logit_scale`` = 20
+  (the code's lambda): ``cross_loss: image_rows`` (default, the code) matches each direction's
+  matrix per image over the captions (``losses.cross_scale_image_rows_loss``); ``mean`` matches the
+  mean score both ways (``losses.cross_scale_loss``). The first image scale is the global feature
+  (``scale_global: feature``) or, as the code, the mean of the region and window scales (``mean``).
+- Inference: ``similarity = a * global cosine + (1 - a) * cross-scale``, ``a = fuse_weight`` (0.9);
+  the cross-scale term's directions are ``fuse_directions`` (empty: as ``directions``). The authors'
+  code (``utils/metric.py``, ``compute_topk``) fuses the image-to-text score alone: the recipes set
+  ``fuse_directions: i2t``.
   ``text["global"] @ image["global"].T`` is the global cosine itself (a shortlist on its own).
 
 Cost of the cross-scale score: for Q captions x G images with S image scales (1 + regions + windows,
@@ -62,7 +74,7 @@ from torch import Tensor, nn
 from tbps.config import Config, build_dataclass
 from tbps.data.phrases import PhraseExtractor
 from tbps.errors import TBPSError
-from tbps.losses import cmpc_loss, cmpm_loss, cross_scale_loss
+from tbps.losses import cmpc_loss, cmpm_loss, cross_scale_image_rows_loss, cross_scale_loss
 from tbps.models import METHODS
 from tbps.models.backbones import _ActivationMixin
 from tbps.models.base import TBPSModel, parse_loss_weights
@@ -87,6 +99,11 @@ class ACSAOptions:
     leaky_slope: float = 0.1  # LeakyReLU slope on the cosines before normalisation
     cross_logit_scale: float = 20.0  # scale of the cross-scale score in its matching loss
     cmpm_label_norm: str = "l1"  # CMPM / cross-scale label normalisation: "l1" (paper) or "l2" (ACSA code)
+    cmpm_gate: float = 0.5  # CMPM leaves the total while its value is below this (the code: 0.5); 0 = always on
+    regions: str = "spatial"  # "spatial" stripes of the map (ours) or "channel" chunks of the global vector (code)
+    fuse_directions: str = ""  # cross-scale directions at inference; "" = as directions (the code: i2t)
+    cross_loss: str = "image_rows"  # "image_rows": each direction's matrix, softmax over captions (code); "mean"
+    scale_global: str = "feature"  # first image scale: the global "feature" (ours) or the "mean" of the others (code)
     fuse_weight: float = 0.9  # inference: a * global + (1 - a) * cross-scale; 1.0 = global only
     score_block: int = 4_194_304  # max (query, image, scale, phrase) entries scored at once
     swin_embed_dim: int = 0  # Swin overrides (0 / empty: the timm architecture's own)
@@ -106,6 +123,19 @@ class ACSAOptions:
             raise TBPSError(f"method.phrase_features={self.phrase_features!r}: choose pool or encode")
         if self.directions not in ("both", "i2t", "t2i"):
             raise TBPSError(f"method.directions={self.directions!r}: choose both, i2t or t2i")
+        if self.fuse_directions not in ("", "both", "i2t", "t2i"):
+            raise TBPSError(f"method.fuse_directions={self.fuse_directions!r}: choose both, i2t, t2i or empty")
+        if self.cross_loss not in ("image_rows", "mean"):
+            raise TBPSError(f"method.cross_loss={self.cross_loss!r}: choose image_rows or mean")
+        if self.scale_global not in ("feature", "mean"):
+            raise TBPSError(f"method.scale_global={self.scale_global!r}: choose feature or mean")
+        if self.regions not in ("spatial", "channel"):
+            raise TBPSError(f"method.regions={self.regions!r}: choose spatial or channel")
+        if self.regions == "channel" and self.num_regions != 4:
+            raise TBPSError(f"method.regions=channel is the authors' four regions (head, upper, lower, feet): "
+                            f"set method.num_regions=4, got {self.num_regions}")
+        if self.cmpm_gate < 0:
+            raise TBPSError(f"method.cmpm_gate must be >= 0, got {self.cmpm_gate}")
         if self.attn_lambda <= 0 or self.cross_logit_scale <= 0:
             raise TBPSError("method.attn_lambda and method.cross_logit_scale must be > 0")
         if self.cmpm_label_norm not in ("l1", "l2"):
@@ -226,7 +256,8 @@ class SwinScales(nn.Module):
         self.num_regions, self.window_grid = options.num_regions, list(options.window_grid)
         last_dim, window_dim = backbone.num_features, backbone.stage_dims[index]
         self.global_proj = nn.Linear(last_dim, dim)
-        self.region_proj = nn.Linear(last_dim, dim)
+        # channel regions are cut from the bottlenecked global feature by the method (ChannelRegions)
+        self.region_proj = nn.Linear(last_dim, dim) if options.regions == "spatial" else None
         self.window_norm = nn.LayerNorm(window_dim)  # intermediate stages are not normed by Swin
         self.window_proj = nn.Linear(window_dim, dim)
         self.output_dim = dim
@@ -237,8 +268,10 @@ class SwinScales(nn.Module):
         window_map = self.window_norm(out["stages"][self.window_index].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         regions, windows = _stripes_and_windows(last, window_map, self.num_regions, self.window_grid)
         global_feat = self.global_proj(last.mean(dim=(2, 3)))
-        scales = torch.cat([global_feat[:, None], self.region_proj(regions), self.window_proj(windows)], dim=1)
-        return {"global": global_feat, "scales": scales}
+        parts = [global_feat[:, None], self.window_proj(windows)]
+        if self.region_proj is not None:
+            parts.insert(1, self.region_proj(regions))
+        return {"global": global_feat, "scales": torch.cat(parts, dim=1)}
 
 
 class ClipViTScales(_ActivationMixin, nn.Module):
@@ -258,6 +291,7 @@ class ClipViTScales(_ActivationMixin, nn.Module):
         if not 1 <= layer <= blocks:
             raise TBPSError(f"method.clip_window_layer={layer}: the ViT has {blocks} layers")
         self.window_layer = layer
+        self.spatial_regions = options.regions == "spatial"
         self.grid = tuple(encoder.grid_size)
         self.image_size = tuple(encoder.image_size)
         self.num_regions, self.window_grid = options.num_regions, list(options.window_grid)
@@ -290,8 +324,9 @@ class ClipViTScales(_ActivationMixin, nn.Module):
         regions, windows = _stripes_and_windows(as_map(tokens), as_map(window_tokens), self.num_regions,
                                                 self.window_grid)
         global_feat = tokens[:, 0]
-        scales = torch.cat([global_feat[:, None], regions, self.window_proj(windows)], dim=1)
-        return {"global": global_feat, "scales": scales}
+        parts = [global_feat[:, None], regions, self.window_proj(windows)] if self.spatial_regions \
+            else [global_feat[:, None], self.window_proj(windows)]
+        return {"global": global_feat, "scales": torch.cat(parts, dim=1)}
 
 
 def _build_image_scales(cfg: Config, options: ACSAOptions, load_pretrained: bool) -> nn.Module:
@@ -310,6 +345,35 @@ def _build_image_scales(cfg: Config, options: ACSAOptions, load_pretrained: bool
         raise TBPSError(f"model.image_backbone={arch!r}: ACSA needs a Swin (swin_*) or a CLIP ViT, "
                         f"an encoder with intermediate feature maps")
     return ClipViTScales(encoder, options)
+
+
+class ChannelRegions(nn.Module):
+    """The authors' regions (``regions: channel``): four views of the global vector's channels.
+
+    ``x`` (B, D) -> ``r = ReLU(x + BN(W2 ReLU(BN(W1 x))))`` (their ``BasicBlock`` on a 1x1 map, where
+    a padded 3x3 convolution is a bias-free Linear), cut into six chunks c1..c6 (channel bounds
+    ``floor(k D / 6)``: D/6 each when 6 divides D, as their 768); head = (c1, c2), upper body =
+    (c2, c3), lower body = (c4, c5), feet = c6, each through its own Linear + ReLU + Dropout(0.5)
+    back to D. Returns (B, 4, D).
+    """
+
+    SLICES = ((0, 2), (1, 3), (3, 5), (5, 6))  # chunk ranges of head, upper, lower, feet
+
+    def __init__(self, dim: int, dropout: float = 0.5) -> None:
+        super().__init__()
+        if dim < 6:
+            raise TBPSError(f"method.regions=channel cuts the global feature into 6 chunks: model.embed_dim={dim} "
+                            f"is too small")
+        bounds = [k * dim // 6 for k in range(7)]
+        self.spans = [(bounds[a], bounds[b]) for a, b in self.SLICES]
+        self.block = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(),
+                                   nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim))
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(end - start, dim), nn.ReLU(), nn.Dropout(dropout))
+                                   for start, end in self.spans)
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = F.relu(x + self.block(x))
+        return torch.stack([head(r[:, start:end]) for head, (start, end) in zip(self.heads, self.spans)], dim=1)
 
 
 # ----------------------------------------------------------------------------- the method
@@ -357,8 +421,11 @@ class ACSA(TBPSModel):
             nn.init.xavier_uniform_(self.classifier.weight)
 
         self.phrases = None
+        self.channel_regions = None
         if opts.cross_attention:
             self.phrases = PhraseExtractor(tokenizer, opts.max_phrases)
+            if opts.regions == "channel":
+                self.channel_regions = ChannelRegions(dim)
             self.image_query = nn.Linear(dim, dim)
             self.image_value = nn.Linear(dim, dim)
             self.text_key = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
@@ -407,8 +474,14 @@ class ACSA(TBPSModel):
         if self.image_bottleneck is not None:
             out["global"] = self.image_bottleneck(out["global"])
         if self.phrases is not None:
-            out["scale_query"] = self.image_query(out["scales"])
-            out["scale_value"] = self.image_value(out["scales"])
+            scales = out["scales"]
+            if self.channel_regions is not None:  # after the global token, as the spatial regions
+                regions = self.channel_regions(out["global"])
+                scales = torch.cat([scales[:, :1], regions.to(scales.dtype), scales[:, 1:]], dim=1)
+            if self.options.scale_global == "mean":  # the code: the mean of the region and window scales
+                scales = torch.cat([scales[:, 1:].mean(dim=1, keepdim=True), scales[:, 1:]], dim=1)
+            out["scale_query"] = self.image_query(scales)
+            out["scale_value"] = self.image_value(scales)
         return out
 
     def _text_side(self, token_ids: Tensor) -> dict[str, Tensor]:
@@ -445,7 +518,7 @@ class ACSA(TBPSModel):
         opts = self.options
         return blocked_cross_scale_similarity(text_feats, image_feats, opts.score_block,
                                               attn_lambda=opts.attn_lambda, leaky_slope=opts.leaky_slope,
-                                              directions=opts.directions)
+                                              directions=opts.fuse_directions or opts.directions)
 
     def similarity(self, text_feats: dict[str, Tensor], image_feats: dict[str, Tensor]) -> Tensor:
         """``a * global cosine + (1 - a) * cross-scale`` on any subset of rows of either side."""
@@ -464,17 +537,26 @@ class ACSA(TBPSModel):
         image_feats, text_feats = image_out["global"], text_out["global"]
         out: dict[str, Tensor] = {}
         if "cmpm" in weights:
-            out["loss_cmpm"] = weights["cmpm"] * cmpm_loss(image_feats, text_feats, pids,
-                                                          label_norm=opts.cmpm_label_norm)
+            cmpm = cmpm_loss(image_feats, text_feats, pids, label_norm=opts.cmpm_label_norm)
+            active = (cmpm.detach() >= opts.cmpm_gate).to(cmpm.dtype)  # the code's gate, without a host sync
+            out["loss_cmpm"] = weights["cmpm"] * active * cmpm
+            out["cmpm"] = cmpm.detach()
+            out["cmpm_active"] = active
         if self.classifier is not None:
             out["loss_cmpc"] = weights["cmpc"] * cmpc_loss(image_feats, text_feats, pids, self.classifier.weight)
         if "cross_scale" in weights:
-            similarity = cross_scale_similarity(
-                text_out["phrase_key"], text_out["phrase_value"], text_out["phrase_mask"],
-                image_out["scale_query"], image_out["scale_value"], attn_lambda=opts.attn_lambda,
-                leaky_slope=opts.leaky_slope, directions=opts.directions)
-            out["loss_cross_scale"] = weights["cross_scale"] * cross_scale_loss(
-                similarity, pids, opts.cross_logit_scale, label_norm=opts.cmpm_label_norm)
+            inputs = (text_out["phrase_key"], text_out["phrase_value"], text_out["phrase_mask"],
+                      image_out["scale_query"], image_out["scale_value"])
+            kwargs = {"attn_lambda": opts.attn_lambda, "leaky_slope": opts.leaky_slope}
+            if opts.cross_loss == "image_rows" and opts.directions == "both":
+                i2t = cross_scale_similarity(*inputs, directions="i2t", **kwargs)
+                t2i = cross_scale_similarity(*inputs, directions="t2i", **kwargs)
+                similarity = (i2t + t2i) / 2
+                loss = cross_scale_image_rows_loss(i2t, t2i, pids, opts.cross_logit_scale, opts.cmpm_label_norm)
+            else:
+                similarity = cross_scale_similarity(*inputs, directions=opts.directions, **kwargs)
+                loss = cross_scale_loss(similarity, pids, opts.cross_logit_scale, label_norm=opts.cmpm_label_norm)
+            out["loss_cross_scale"] = weights["cross_scale"] * loss
             with torch.no_grad():
                 same = pids[:, None] == pids[None, :]
                 out["cross_pos"] = similarity[same].mean()

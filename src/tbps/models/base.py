@@ -21,10 +21,16 @@ class TBPSModel(nn.Module):
     them ``optim.lr`` and every other parameter ``lr * new_lr_factor``.
     ``classifier_keys``: state-dict prefixes that depend on the number of training identities and
     are skipped when a checkpoint from another dataset is loaded.
+    ``head_prefixes``: output heads whose biases keep the new-module rate under ``optim.bias_lr:
+    base`` (IRRA's solver); ``fixed_lr``: parameter-name prefix -> a fixed base lr (CFFA's FLFR).
+    ``options``: the method's resolved ``cfg.method`` dataclass; ``build_model`` writes it back
+    into the config, so a run's config.yaml and checkpoints hold every option's value.
     """
 
     backbone_prefixes: tuple[str, ...] = ("image_encoder.backbone.", "text_encoder.backbone.")
     classifier_keys: tuple[str, ...] = ("classifier.",)
+    head_prefixes: tuple[str, ...] = ()
+    fixed_lr: dict[str, float] = {}
 
     def set_backbone_prefixes(self, model_cfg) -> None:
         """Only encoders that start from pretrained weights train at the backbone rate.

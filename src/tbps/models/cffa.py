@@ -23,6 +23,14 @@ branch). What CFFA adds, as ``../shared/docs/methods.md`` describes it and the a
 
 Choices where the sources are silent or differ (options below; defaults follow the code):
 
+- ``mal_negative_scale: batch``: the code (``objectives.compute_mixed_triplet_per``) scales MAL's
+  negative term by ``floor(1000/B)/1000`` (``tbps.losses.mal_negative_scale``), not by tau; the two
+  agree only at B = 64. ``tau`` is the paper's formula.
+- ``flfr_lr: 1e-3``: the code's solver (``solver/build.py``, ``build_optimizer``) trains the FLFR
+  heads (``visul_emb_layer`` / ``texual_emb_layer``) at a fixed base lr of 1e-3, whatever
+  ``optim.lr``; the schedule (warm-up, cosine) still applies. 0 puts them in the new-module group.
+- ``mask_global_text``: as IRRA's (the reference data loader masks the captions in place, so MAL,
+  ID and FLFR see the IRR-corrupted caption); the paper-reproduction recipes turn it on.
 - ``mal_reduction: sum``: the code sums MAL over the batch (the paper's formula is per query), so it
   weighs about B times the ID and IRR losses; ``mean`` averages instead.
 - ``text_topk: context``: the code keeps ``floor(0.3 * (L - 2))`` words for context length L, at
@@ -46,7 +54,7 @@ from torch import Tensor, nn
 from tbps.config import Config
 from tbps.data.tokenizers import caption_valid_mask
 from tbps.errors import TBPSError
-from tbps.losses import cmpm_loss, itc_loss, mal_loss, sdm_loss
+from tbps.losses import cmpm_loss, itc_loss, mal_loss, mal_negative_scale, sdm_loss
 from tbps.models import METHODS
 from tbps.models.irra import IRRA, IRRAOptions
 from tbps.models.masking import augment_tokens
@@ -66,6 +74,8 @@ class CFFAOptions(IRRAOptions):
     mal_margin: float = 0.1
     mal_tau: float = 0.015
     mal_reduction: str = "sum"  # "sum" over the batch (code) or "mean"
+    mal_negative_scale: str = "batch"  # negative term x floor(1000/B)/1000 ("batch", code) or x tau ("tau", paper)
+    flfr_lr: float = 1.0e-3  # fixed base lr of the FLFR heads (code); 0 = the new-module rate
     text_aug_prob: float = 0.2  # share of word tokens perturbed in training; 0 turns the augmentation off
     text_aug_mask_frac: float = 0.6  # perturbed tokens replaced by the mask token
     text_aug_random_frac: float = 0.2  # perturbed tokens replaced by a random id (the rest are deleted)
@@ -84,6 +94,10 @@ class CFFAOptions(IRRAOptions):
         if self.mal_margin < 0 or self.mal_tau <= 0:
             raise TBPSError(f"method.mal_margin must be >= 0 and method.mal_tau > 0, got "
                             f"{self.mal_margin} and {self.mal_tau}")
+        if self.mal_negative_scale not in ("batch", "tau"):
+            raise TBPSError(f"method.mal_negative_scale={self.mal_negative_scale!r}: choose batch or tau")
+        if self.flfr_lr < 0:
+            raise TBPSError(f"method.flfr_lr must be >= 0, got {self.flfr_lr}")
         if self.mal_reduction not in ("sum", "mean"):
             raise TBPSError(f"method.mal_reduction={self.mal_reduction!r}: choose sum or mean")
         if not 0.0 <= self.text_aug_prob <= 1.0:
@@ -157,6 +171,8 @@ class CFFA(IRRA):
         local_dim = opts.local_dim or 2 * self.embed_dim
         self.image_local_head = FLFRHead(self.embed_dim, local_dim)
         self.text_local_head = FLFRHead(self.embed_dim, local_dim)
+        if opts.flfr_lr > 0:  # read by tbps.engine.optim.parameter_groups
+            self.fixed_lr = {"image_local_head.": opts.flfr_lr, "text_local_head.": opts.flfr_lr}
         self.sot_id = int(tokenizer.sot_id)
         # ids never selected by value (padding is excluded by position: CLIP pads with a real id)
         self.unselectable_ids = sorted(set(self.special_ids) - {self.mask_id, self.pad_id}
@@ -244,8 +260,9 @@ class CFFA(IRRA):
     def alignment_loss(self, name: str, image_feats: Tensor, text_feats: Tensor, pids: Tensor) -> Tensor:
         opts = self.options
         if name == "mal":
+            scale = mal_negative_scale(pids.numel()) if opts.mal_negative_scale == "batch" else None
             return mal_loss(image_feats, text_feats, pids, margin=opts.mal_margin, tau=opts.mal_tau,
-                            reduction=opts.mal_reduction)
+                            reduction=opts.mal_reduction, negative_scale=scale)
         if name == "sdm":
             return sdm_loss(image_feats, text_feats, pids, self.logit_scale)
         if name == "itc":

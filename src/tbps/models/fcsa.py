@@ -3,11 +3,17 @@
 Built on IRRA (the CLIP dual encoder, the shared ID classifier and the global losses are IRRA's;
 ``methods.md`` for the summary of the paper and its code that this follows). Training adds:
 
+- Masked global captions (the authors' data loader): the captions that ID and CMPM see, and the
+  candidate captions of the swap, are BERT-style masked (``global_mask_prob`` = 0.35 of the real
+  tokens picked; 80% mask token, 10% random id, 10% kept); the text-side SGMM works on a clean
+  copy. ``global_mask_prob: 0`` is the paper's reading (clean captions everywhere).
 - Hard-positive swap: every sample brings ``data.positives`` (K = 4) other pairs of its identity
-  from the shared loader (``TrainPairs``). In a random ``swap_rate`` (10%) of rows the image is
-  replaced by the candidate image least similar to the row's caption, in another disjoint 10% the
-  caption by the candidate caption least similar to the row's image. The choice takes no gradient
-  and runs the encoders in eval mode on the swapped rows' candidates only.
+  from the shared loader (``TrainPairs``). In ``swap_rate`` (10%) of the rows the image is replaced
+  by the candidate image least similar to the row's caption, in another 10% the caption by the
+  candidate caption least similar to the row's image. ``swap_rows: exact`` (the code) draws
+  ``int(swap_rate * B)`` rows for each swap independently (they may overlap; each choice reads the
+  original pair); ``disjoint`` draws each row's fate once (Bernoulli, no overlap). The choice takes
+  no gradient and runs the encoders in eval mode on the swapped rows' candidates only.
 - SGMM, saliency-guided masking. Image side: the saliency of a patch is the cosine of its token to
   the caption's global feature; ``image_mask_ratio`` of the patches are chosen by saliency and their
   pixels replaced by Gaussian noise (in the normalised input space), then the image is re-encoded
@@ -24,13 +30,16 @@ Built on IRRA (the CLIP dual encoder, the shared ID classifier and the global lo
   predicts the patch features; the prediction pooled over the masked cells is compared with the
   original tokens pooled over the same cells by ``tbps.losses.cmrs_triplet_loss`` (Euclidean on
   normalised vectors, margin 0.5) against the hardest negative caption (the other identity's
-  caption most similar to the image; the reconstruction is re-run with it) and the hardest negative
-  image's target.
+  caption most similar to the image; the reconstruction is re-run with it) and a negative image's
+  target: ``cmrs_negative_image: text_similarity`` (the code) takes the other identity's image that
+  scores highest for the caption by global text-to-image cosine; ``reconstruction`` the image whose
+  target is closest to the prediction.
 - CMRS, text side: the masked caption's tokens attend to all image tokens, a 2-layer transformer
   and IRRA's MLM head predict the masked ids (cross-entropy, ``mlm_loss``).
 
 Losses (``cfg.loss``): ``id`` + ``cmpm`` + ``cmrs_image`` + ``cmrs_text``, weight 1 each (the
-authors' ``id+cmpm+stl_img+stl_txt``); IRRA's ``sdm`` and ``itc`` are available too. Everything
+authors' ``id+cmpm+stl_img+stl_txt``); CMPM's labels L2-normalised (``cmpm_label_norm: l2``, IRRA's
+``compute_cmpm``, which the authors call); IRRA's ``sdm`` and ``itc`` are available too. Everything
 above is train-time only: retrieval is IRRA's cosine of global features, at IRRA's cost.
 
 Choices where the sources are silent: both masking ratios (0.3; not published), Gaussian noise
@@ -57,6 +66,7 @@ from tbps.models import METHODS
 from tbps.models.base import parse_loss_weights
 from tbps.models.irra import IRRA, IRRAOptions
 from tbps.models.layers import CrossModalTransformer, MLMHead
+from tbps.models.masking import mask_tokens
 
 FCSA_GLOBAL_LOSSES = ("sdm", "id", "itc", "cmpm")
 FCSA_LOSSES = FCSA_GLOBAL_LOSSES + ("cmrs_image", "cmrs_text")
@@ -75,10 +85,14 @@ class FCSAOptions(IRRAOptions):
     """
 
     cross_layers: int = 2  # transformer blocks after the text side's cross-attention (FCSA: 2)
+    cmpm_label_norm: str = "l2"  # IRRA's compute_cmpm, which the authors' code calls
+    global_mask_prob: float = 0.35  # BERT-style masking of the captions ID/CMPM and the swap see (code); 0 = clean
+    cmrs_negative_image: str = "text_similarity"  # "text_similarity" (code) or "reconstruction"
     saliency: str = "least"  # which patches/tokens SGMM masks: "least" (authors' code), "most" or "random"
     image_mask_ratio: float = 0.3  # share of patches masked (not published; our default)
     text_mask_ratio: float = 0.3  # share of real caption tokens masked (not published; our default)
     swap_rate: float = 0.1  # share of rows whose image is swapped for a hard positive (the same again for captions)
+    swap_rows: str = "exact"  # "exact": int(rate x B) rows per swap, independent (code); "disjoint": Bernoulli
     margin: float = 0.5  # CMRS triplet margin (Euclidean, normalised features)
 
     def __post_init__(self) -> None:
@@ -88,14 +102,22 @@ class FCSAOptions(IRRAOptions):
         for name in ("image_mask_ratio", "text_mask_ratio"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise TBPSError(f"method.{name} must be in (0, 1), got {getattr(self, name)}")
-        if not 0.0 <= self.swap_rate <= 0.5:
-            raise TBPSError(f"method.swap_rate must be in [0, 0.5] (image and caption swaps are disjoint rows), "
+        if self.swap_rows not in ("exact", "disjoint"):
+            raise TBPSError(f"method.swap_rows={self.swap_rows!r}: choose exact or disjoint")
+        limit = 0.5 if self.swap_rows == "disjoint" else 1.0
+        if not 0.0 <= self.swap_rate <= limit:
+            raise TBPSError(f"method.swap_rate must be in [0, {limit}] with method.swap_rows={self.swap_rows}, "
                             f"got {self.swap_rate}")
         if self.margin < 0:
             raise TBPSError(f"method.margin must be >= 0, got {self.margin}")
+        if not 0.0 <= self.global_mask_prob < 1.0:
+            raise TBPSError(f"method.global_mask_prob must be in [0, 1), got {self.global_mask_prob}")
+        if self.cmrs_negative_image not in ("text_similarity", "reconstruction"):
+            raise TBPSError(f"method.cmrs_negative_image={self.cmrs_negative_image!r}: choose text_similarity "
+                            f"or reconstruction")
         if self.mask_global_text:
-            raise TBPSError("method.mask_global_text is IRRA's reference-bug switch; FCSA never masks the "
-                            "captions of the global losses")
+            raise TBPSError("method.mask_global_text is IRRA's switch; FCSA masks the captions of its global "
+                            "losses by method.global_mask_prob")
         for name in ("mlm_prob", "mlm_mask_frac", "mlm_random_frac"):
             default = IRRAOptions.__dataclass_fields__[name].default
             if getattr(self, name) != default:
@@ -167,12 +189,12 @@ def _eval_mode(*modules: nn.Module) -> Iterator[None]:
 
 
 def _least_similar(anchor: Tensor, candidates: Tensor, encode) -> Tensor:
-    """For each row, the candidate (``candidates`` (n, K, ...), encoded by ``encode``) whose feature
-    is least similar (cosine) to the row's ``anchor`` feature (n, D): the hardest positive."""
+    """For each row, the index (n,) of the candidate (``candidates`` (n, K, ...), encoded by
+    ``encode``) whose feature is least similar (cosine) to the row's ``anchor`` feature (n, D): the
+    hardest positive."""
     n, k = candidates.shape[:2]
     feats = F.normalize(encode(candidates.flatten(0, 1)), dim=-1).view(n, k, -1)
-    pick = torch.einsum("nd,nkd->nk", F.normalize(anchor, dim=-1), feats).argmin(dim=1)
-    return candidates[torch.arange(n, device=pick.device), pick]
+    return torch.einsum("nd,nkd->nk", F.normalize(anchor, dim=-1), feats).argmin(dim=1)
 
 
 # ----------------------------------------------------------------------------- the method
@@ -217,27 +239,50 @@ class FCSA(IRRA):
 
     # ------------------------------------------------------------------ hard-positive swap
     def swap_hard_positives(self, images: Tensor, token_ids: Tensor, pos_images: Tensor,
-                            pos_token_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(images, token_ids, image_rows, text_rows)`` with the hardest positives swapped in.
+                            pos_token_ids: Tensor, clean_ids: Tensor | None = None,
+                            pos_clean_ids: Tensor | None = None
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """``(images, token_ids, image_rows, text_rows, clean_ids)`` with the hardest positives swapped in.
 
-        Rows are drawn from torch's global generator: ``swap_rate`` of them get the candidate image
-        (``pos_images`` (B, K, 3, H, W)) least similar to their caption, a disjoint ``swap_rate`` the
-        candidate caption (``pos_token_ids`` (B, K, L)) least similar to their image.
+        Rows are drawn from torch's global generator (``swap_rows``): ``swap_rate`` of them get the
+        candidate image (``pos_images`` (B, K, 3, H, W)) least similar to their caption, another
+        ``swap_rate`` the candidate caption (``pos_token_ids`` (B, K, L)) least similar to their
+        image; both choices read the original pairs. The choice is made on the captions as given
+        (masked ones in the code); ``clean_ids`` / ``pos_clean_ids``, the unmasked copies, follow
+        the same swap.
         """
-        rate = self.options.swap_rate
-        draws = torch.rand(images.shape[0], device=images.device)
-        image_rows = (draws < rate).nonzero().squeeze(1)
-        text_rows = ((draws >= rate) & (draws < 2 * rate)).nonzero().squeeze(1)
+        rate, n = self.options.swap_rate, images.shape[0]
+        if self.options.swap_rows == "exact":
+            count = int(rate * n)
+            image_rows = torch.randperm(n, device=images.device)[:count].sort().values
+            text_rows = torch.randperm(n, device=images.device)[:count].sort().values
+        else:
+            draws = torch.rand(n, device=images.device)
+            image_rows = (draws < rate).nonzero().squeeze(1)
+            text_rows = ((draws >= rate) & (draws < 2 * rate)).nonzero().squeeze(1)
+        original_images = images
         with torch.no_grad(), _eval_mode(self.image_encoder, self.text_encoder):
             if image_rows.numel():
                 anchor = self.encode_text(token_ids[image_rows])
-                chosen = _least_similar(anchor, pos_images[image_rows], self.encode_image)
-                images = images.index_copy(0, image_rows, chosen)
+                pick = _least_similar(anchor, pos_images[image_rows], self.encode_image)
+                images = images.index_copy(0, image_rows, pos_images[image_rows, pick])
             if text_rows.numel():
-                anchor = self.encode_image(images[text_rows])
-                chosen = _least_similar(anchor, pos_token_ids[text_rows], self.encode_text)
-                token_ids = token_ids.index_copy(0, text_rows, chosen)
-        return images, token_ids, image_rows, text_rows
+                anchor = self.encode_image(original_images[text_rows])
+                pick = _least_similar(anchor, pos_token_ids[text_rows], self.encode_text)
+                token_ids = token_ids.index_copy(0, text_rows, pos_token_ids[text_rows, pick])
+                if clean_ids is not None:
+                    clean_ids = clean_ids.index_copy(0, text_rows, pos_clean_ids[text_rows, pick])
+        return images, token_ids, image_rows, text_rows, clean_ids
+
+    def mask_global_captions(self, token_ids: Tensor) -> Tensor:
+        """The captions ID and CMPM see: BERT-style masked at ``global_mask_prob`` (80/10/10), as the
+        authors' data loader does; draws from torch's global generator."""
+        opts = self.options
+        valid = caption_valid_mask(token_ids, self.eot_id, self.pad_id)
+        masked, _ = mask_tokens(token_ids, mask_id=self.mask_id, vocab_size=self.vocab_size,
+                                special_ids=self.special_ids, valid_mask=valid, prob=opts.global_mask_prob,
+                                mask_frac=opts.mlm_mask_frac, random_frac=opts.mlm_random_frac)
+        return masked
 
     # ------------------------------------------------------------------ SGMM + CMRS, image side
     def mask_patches(self, images: Tensor, patch_tokens: Tensor, text_global: Tensor) -> tuple[Tensor, Tensor]:
@@ -267,13 +312,17 @@ class FCSA(IRRA):
         pool = lambda x: torch.einsum("bn,bnd->bd", share, x)  # noqa: E731  mean over the masked cells
         text_tokens, text_mask = text_out["tokens"], text_out["mask"]
         pred = pool(self.reconstruct_patches(masked_patches, text_tokens, text_mask))
-        with torch.no_grad():  # hardest negative caption of each image, by global cosine
+        with torch.no_grad():  # hardest negatives by global cosine: a caption per image, an image per caption
             sim = F.normalize(image_out["global"], dim=-1) @ F.normalize(text_out["global"], dim=-1).t()
             same = pids.view(-1, 1) == pids.view(1, -1)
             negative = sim.masked_fill(same, float("-inf")).argmax(dim=1)
             has_negative = (~same).any(dim=1)
+            negative_image = None
+            if self.options.cmrs_negative_image == "text_similarity":
+                negative_image = sim.t().masked_fill(same, float("-inf")).argmax(dim=1)
         pred_negative = pool(self.reconstruct_patches(masked_patches, text_tokens[negative], text_mask[negative]))
-        return cmrs_triplet_loss(pred, pool(patches), pred_negative, pids, self.options.margin, has_negative)
+        return cmrs_triplet_loss(pred, pool(patches), pred_negative, pids, self.options.margin, has_negative,
+                                 negative_image=negative_image)
 
     # ------------------------------------------------------------------ SGMM + CMRS, text side
     def mask_caption_tokens(self, token_ids: Tensor, text_tokens: Tensor,
@@ -288,9 +337,10 @@ class FCSA(IRRA):
         return token_ids.masked_fill(chosen, self.mask_id), chosen, valid
 
     def text_cmrs(self, token_ids: Tensor, image_out: dict[str, Tensor],
-                  text_out: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(masked-token cross-entropy, accuracy)`` of the text-side CMRS."""
-        corrupted, chosen, valid = self.mask_caption_tokens(token_ids, text_out["tokens"], image_out["global"])
+                  text_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``(masked-token cross-entropy, accuracy)`` of the text-side CMRS on the clean caption
+        ``token_ids``, whose token features ``text_tokens`` give the saliency."""
+        corrupted, chosen, valid = self.mask_caption_tokens(token_ids, text_tokens, image_out["global"])
         masked_out = self.text_encoder(corrupted)  # with gradient
         fused = self.cross_modal(masked_out["tokens"], image_out["tokens"], query_mask=valid)
         logits = self.mlm_head(fused[chosen])
@@ -304,12 +354,19 @@ class FCSA(IRRA):
         images, token_ids, pids = batch["images"], batch["token_ids"], batch["pids"]
         weights = self.loss_weights
         out: dict[str, Tensor] = {}
-        if self.training and self.options.swap_rate > 0:
-            if "pos_images" not in batch:
-                raise TBPSError("method fcsa: the batch has no positives for the hard-positive swap "
-                                "(set data.positives, FCSA: 4, or method.swap_rate=0)")
-            images, token_ids, image_rows, text_rows = self.swap_hard_positives(
-                images, token_ids, batch["pos_images"], batch["pos_token_ids"])
+        swap = self.training and self.options.swap_rate > 0
+        if swap and "pos_images" not in batch:
+            raise TBPSError("method fcsa: the batch has no positives for the hard-positive swap "
+                            "(set data.positives, FCSA: 4, or method.swap_rate=0)")
+        clean_ids = token_ids
+        masked = self.training and self.options.global_mask_prob > 0
+        if masked:
+            token_ids = self.mask_global_captions(token_ids)
+        if swap:
+            pos_clean = batch["pos_token_ids"]
+            pos_ids = self.mask_global_captions(pos_clean.flatten(0, 1)).view_as(pos_clean) if masked else pos_clean
+            images, token_ids, image_rows, text_rows, clean_ids = self.swap_hard_positives(
+                images, token_ids, batch["pos_images"], pos_ids, clean_ids, pos_clean)
             out["swapped_images"] = torch.tensor(float(image_rows.numel()))
             out["swapped_captions"] = torch.tensor(float(text_rows.numel()))
 
@@ -320,7 +377,12 @@ class FCSA(IRRA):
         if self.training and "cmrs_image" in weights:
             out["loss_cmrs_image"] = weights["cmrs_image"] * self.image_cmrs(images, image_out, text_out, pids)
         if self.training and "cmrs_text" in weights:
-            loss, accuracy = self.text_cmrs(token_ids, image_out, text_out)
+            if masked:  # the saliency of the clean copy's tokens, as the code's no-gradient pass
+                with torch.no_grad():
+                    clean_tokens = self.text_encoder(clean_ids)["tokens"]
+            else:
+                clean_tokens = text_out["tokens"]
+            loss, accuracy = self.text_cmrs(clean_ids, image_out, clean_tokens)
             out["loss_cmrs_text"] = weights["cmrs_text"] * loss
             out["acc_mlm"] = accuracy
         return out

@@ -5,8 +5,9 @@ becomes the mask token (``mask_frac``), a random ordinary token (``random_frac``
 (the rest), and its original id becomes the label to predict. Start, end, padding and other
 special ids are never picked.
 
-Two deliberate differences from the reference code: the input is never modified (IRRA's in-place
-edit also masked the captions that the global losses then used), and the whole batch is corrupted
+Two differences from the reference code: the input is never modified (IRRA's in-place edit also
+masked the captions that the global losses then used; a method reproduces that by feeding the
+corrupted ids to its global losses, ``method.mask_global_text``), and the whole batch is corrupted
 with tensor operations instead of a Python loop per token in the data loader.
 
 ``augment_tokens`` is the other caption transform on token ids: CFFA's training augmentation, which

@@ -3,8 +3,10 @@ Search via Part-level Cross-modal Correspondence", ACCV 2024, arXiv:2501.00318).
 
 Three levels of embeddings per image and per caption, all in one joint width D:
 
-- **global**: a ResNet feature map (torchvision, ``models/resnet.py``) or BERT token features
-  (transformers; the offline MiniLM for tests and SynthPEDES), each projected to D and **globally
+- **global**: a ResNet feature map (torchvision, ``models/resnet.py``) or, the paper's second
+  backbone, a CLIP ViT's patch-token grid (``model.image_backbone: ViT-B-16``; 24x8 at 384x128), and
+  BERT token features (transformers; the offline MiniLM for tests and SynthPEDES) or, with a CLIP
+  ViT, CLIP's text tower (``model.text_backbone: clip``); each projected to D and **globally
   max-pooled** (the paper's pooling; the caption's max runs over its real tokens only).
 - **coarse**: an encoder-decoder shared by both modalities. The encoder (pre-LN transformer
   layers) refines the backbone tokens of either modality; the decoder lets K learnable **part
@@ -32,6 +34,12 @@ We implement the interpretation documented in ``docs/methods.md`` (``tbps.losses
     c_k    = clamp(mean_{y_i != y_j} S^k_ij, 0, 1)          commonality of part k (no gradient)
     m_k    = m0 * (1 - c_k)                                 a common part gets a smaller margin
     L_CMR  = 1/K sum_k ranking_loss(S^k, y, m_k)
+
+Which reading the recipes use, and why (this is the one place that says so): every recipe
+(``pcc_base.yaml`` and the files built on it) uses ``cmr_commonality: batch``, the reading written
+in ``methods.md``, because it is the one a reader of the abstract would write down and the one the
+tests pin to a formula; ``pair`` (below) stays an option, and ``cmr_adaptive: false`` the fixed-margin
+baseline, so both readings can be measured against it (benchmarks/README.md, PCC rows).
 
 Why: identity labels say two people differ, not which of their parts differ; a fixed margin pushes
 apart even the parts they share (both in jeans), which fights the data. ``method.cmr_adaptive=false``
@@ -260,24 +268,33 @@ class PCC(TBPSModel):
             raise TBPSError("loss.cmr: CMR trains the fine branch, which is off (method.fine=false); set loss.cmr=0")
         self.inference_weights = opts.resolved_inference_weights()
         model_cfg = cfg.model
-        if model_cfg.image_backbone not in RESNET_NAMES:
-            raise TBPSError(f"model.image_backbone={model_cfg.image_backbone!r}: PCC uses a torchvision ResNet "
-                            f"({', '.join(RESNET_NAMES)})")
-        if model_cfg.text_backbone != "hf":
-            raise TBPSError("model.text_backbone: PCC uses a BERT-family text encoder (text_backbone: hf)")
-        from tbps.models.backbones import build_text_encoder
+        from tbps.models.backbones import ClipImageEncoder, build_image_encoder, build_text_encoder
 
-        self.image_encoder = build_resnet(model_cfg.image_backbone,
-                                          model_cfg.pretrained if load_pretrained else "", opts.last_stride)
+        self.vit = model_cfg.image_backbone not in RESNET_NAMES
+        if self.vit:  # the paper's second backbone: a CLIP ViT's patch grid as the feature map
+            encoder = build_image_encoder(model_cfg, tuple(cfg.data.image_size), load_pretrained)
+            if not isinstance(encoder, ClipImageEncoder):
+                raise TBPSError(f"model.image_backbone={model_cfg.image_backbone!r}: PCC uses a torchvision "
+                                f"ResNet ({', '.join(RESNET_NAMES)}) or a CLIP ViT (e.g. ViT-B-16)")
+            self.image_encoder, channels, self.grid = encoder, int(encoder.output_dim), tuple(encoder.grid_size)
+        else:
+            self.image_encoder = build_resnet(model_cfg.image_backbone,
+                                              model_cfg.pretrained if load_pretrained else "", opts.last_stride)
+            channels, self.grid = self.image_encoder.out_channels, resnet_grid(cfg.data.image_size, opts.last_stride)
+        if model_cfg.text_backbone != "hf" and not (self.vit and model_cfg.text_backbone == "clip"):
+            raise TBPSError("model.text_backbone: PCC uses a BERT-family text encoder (text_backbone: hf), or "
+                            "CLIP's text tower beside a CLIP ViT image encoder (text_backbone: clip)")
         self.text_encoder = build_text_encoder(model_cfg, tokenizer, load_pretrained)
         self.set_backbone_prefixes(model_cfg)
         dim = self.embed_dim = int(model_cfg.embed_dim)
+        if int(getattr(self.text_encoder, "output_dim", dim)) != dim:
+            raise TBPSError(f"model.embed_dim={dim}: CLIP's text tokens are {self.text_encoder.output_dim}-d; "
+                            f"set model.embed_dim={self.text_encoder.output_dim}")
         heads = opts.heads or max(dim // 64, 1)
         if dim % heads:
             raise TBPSError(f"model.embed_dim={dim} is not divisible by method.heads={heads}")
-        self.grid = resnet_grid(cfg.data.image_size, opts.last_stride)
         self.stripes = stripe_bounds(self.grid[0], opts.num_parts) if opts.fine else []
-        self.image_proj = nn.Linear(self.image_encoder.out_channels, dim)
+        self.image_proj = nn.Linear(channels, dim)
 
         self.part_model = None
         if opts.coarse or opts.fine:
@@ -334,9 +351,14 @@ class PCC(TBPSModel):
 
     def image_features(self, images: Tensor, need_weights: bool = False) -> dict[str, Tensor]:
         """``global`` (B, D), ``coarse``/``fine`` (B, K, D) (not normalised), ``map`` (B, D, h, w)."""
-        feature_map = self.image_encoder(images)
-        tokens = self.image_proj(feature_map.flatten(2).transpose(1, 2))  # (B, h*w, D)
-        batch, _, rows, cols = feature_map.shape
+        if self.vit:  # patch tokens (CLS dropped) laid out as the (rows, cols) grid, row-major
+            patches = self.image_encoder(images)["tokens"][:, 1:]
+            batch, (rows, cols) = patches.shape[0], self.grid
+            tokens = self.image_proj(patches)
+        else:
+            feature_map = self.image_encoder(images)
+            tokens = self.image_proj(feature_map.flatten(2).transpose(1, 2))  # (B, h*w, D)
+            batch, _, rows, cols = feature_map.shape
         out = {"global": tokens.amax(dim=1),
                "map": tokens.transpose(1, 2).reshape(batch, self.embed_dim, rows, cols)}
         if self.options.fine:

@@ -1,0 +1,76 @@
+"""benchmarks/compare_methods.py: every paper ablation is a valid override of its method's recipe,
+and a row's noise band is the mean and sample spread of its seeds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tbps.config import load_config
+from tbps.data.tokenizers import build_tokenizer
+from tbps.models import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("compare_methods", REPO / "benchmarks" / "compare_methods.py")
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+ROWS = [(method, name, run_args) for method in compare.SUITE for name, run_args in compare.suite_rows(method)]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,name,run_args", ROWS, ids=[r[1] for r in ROWS])
+def test_every_suite_row_builds_its_model(method, name, run_args):
+    """Each ablation is ``key=value`` overrides the config system accepts and the method builds."""
+    entry = compare.SUITE[method]
+    if run_args[0] == "--from":  # inference overrides on the method's own training recipe
+        overrides = [*entry["authors"], *run_args[2:]]
+    else:
+        overrides = run_args[2:]
+    cfg = load_config(REPO / entry["config"], overrides)
+    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.text_length)
+    model = build_model(cfg, num_classes=8, tokenizer=tokenizer, load_pretrained=False)
+    for override in overrides:  # the resolved options carry every method.* change
+        key, value = override.split("=", 1)
+        if key.startswith("method."):
+            got = cfg.method[key.split(".", 1)[1]]
+            want = yaml.safe_load(value)
+            assert got == want or str(got).lower() == str(want).lower(), override
+    assert model is not None
+
+
+def test_every_method_has_ablations_and_names_are_unique():
+    names = [name for _, name, _ in ROWS]
+    assert len(names) == len(set(names))
+    for method, entry in compare.SUITE.items():
+        assert entry["ablations"], method
+        assert Path(REPO / entry["config"]).is_file()
+
+
+def test_plan_prints_one_command_per_row(capsys):
+    args = compare.argparse.Namespace(methods=["fcsa"], overrides=["train.max_steps=2"], seeds=[0, 1],
+                                      epochs=15, ids=500, results=compare.RESULTS)
+    compare.plan(args)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + len(compare.SUITE["fcsa"]["ablations"])
+    assert all("--seeds 0 1 --epochs 15 --ids 500" in line and "train.max_steps=2" in line for line in lines)
+
+
+def test_seconds_per_step_and_band(tmp_path):
+    (tmp_path / "config.yaml").write_text("data:\n  batch_size: 64\n")
+    rows = [{"split": "train", "epoch": 0.5, "pairs_per_s": 100.0}, {"split": "train", "epoch": 1.0, "pairs_per_s": 128.0},
+            {"split": "train", "epoch": 2.0, "pairs_per_s": 64.0}, {"split": "test", "epoch": 2, "R1": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # last logged rate of each epoch: 128 pairs/s in epoch 1, 64 in epoch 2 -> 0.5 s and 1.0 s a step
+    assert compare.seconds_per_step(tmp_path) == pytest.approx(0.75)
+    assert compare.spread([10.0, 12.0, 14.0]) == pytest.approx(statistics.stdev([10.0, 12.0, 14.0])) == 2.0
+    assert compare.spread([3.0]) == 0.0
+    row = {"R1": 12.0, "R1_sd": 2.0, "runs": [{}, {}, {}]}
+    assert compare._band(row, "R1") == "12.00 ± 2.00"
+    assert compare._band({"R1": 12.0}, "R1") == "12.00"
