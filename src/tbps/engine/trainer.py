@@ -66,20 +66,25 @@ class TrainState:
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "train_summary.json")
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
     """Refuse to start a fresh run over an old one (its log would be appended to and its ``best.pt``
-    replaced), unless ``overwrite``; remove temporary files that a killed run left behind."""
+    replaced), unless ``overwrite``; remove temporary files that a killed run left behind.
+
+    Every rank checks (so all of them stop together); only the ``main`` one deletes."""
     if out.exists() and not out.is_dir():
         raise TBPSError(f"{out}: the output folder is a file")
     if not out.is_dir():
         return
-    remove_stale_temp_files(out)
+    if main:
+        remove_stale_temp_files(out)
     if resume:
         return
     old = [name for name in RUN_FILES if (out / name).exists()]
     if old and not overwrite:
         raise TBPSError(f"{out} already holds a run ({', '.join(old)}): continue it with --resume, choose "
                         "another --output-dir, or pass --overwrite to replace it")
+    if not main:
+        return
     for name in old:
         (out / name).unlink()
     if overwrite and (out / "tensorboard").is_dir():
@@ -102,8 +107,7 @@ class Trainer:
         self.device = self.dist.device
         last = self.out / "last.pt"
         ckpt = None
-        if self.dist.is_main:
-            prepare_output_dir(self.out, resume, overwrite)
+        prepare_output_dir(self.out, resume, overwrite, main=self.dist.is_main)
         if resume:
             if not last.is_file():
                 raise TBPSError(f"{last}: nothing to resume from (no last.pt in the output folder)")
