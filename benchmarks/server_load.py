@@ -10,6 +10,11 @@ server's batching of concurrent queries with one-at-a-time search.
     tbps index --checkpoint runs/demo/train/best.pt --images runs/demo/data/imgs --out runs/demo/index
     python benchmarks/server_load.py --index runs/demo/index --slot
 
+Memory: before the load levels, the server's resident set size (RSS, from ``/proc``) is read after
+a warm-up, then again after ``--distinct`` (default 1,000) queries that are all different; a server
+that kept per-query state (a cache without bound) grows here, while a fixed set of queries would
+hide it. The row ``"bench": "server_memory"`` holds both figures and the growth per query.
+
 ``--threads`` (default 1) sets the server's torch/BLAS threads; ``--slot`` first waits for a
 comparison slot of benchmarks/compare_methods.py so the measurement and the training runs do not
 share a core. Rows are appended to benchmarks/results/server_load.jsonl and printed as a table.
@@ -88,6 +93,56 @@ def run_clients(url: str, concurrency: int, requests_per_client: int, warmup: in
     return {"latencies": [x for row in latencies for x in row], "wall": wall, "errors": sum(errors)}
 
 
+COLOURS = ["red", "blue", "green", "black", "white", "grey", "yellow", "pink", "purple", "orange", "brown",
+           "beige", "navy", "khaki", "maroon", "teal"]
+GARMENTS = ["coat", "jacket", "hoodie", "shirt", "dress", "sweater", "T-shirt", "blouse", "vest", "raincoat"]
+EXTRAS = ["a backpack", "a handbag", "an umbrella", "a phone", "glasses", "a cap", "a scarf", "a suitcase",
+          "headphones", "a bicycle"]
+
+
+def distinct_queries(count: int) -> list[str]:
+    """``count`` different descriptions (colour x garment x item, then a number): no two share tokens."""
+    out = []
+    for i in range(count):
+        colour, garment = COLOURS[i % len(COLOURS)], GARMENTS[(i // len(COLOURS)) % len(GARMENTS)]
+        extra = EXTRAS[(i // (len(COLOURS) * len(GARMENTS))) % len(EXTRAS)]
+        out.append(f"a person in a {colour} {garment} with {extra}, seen at gate {i}")
+    return out
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set size of process ``pid`` in MiB (Linux ``/proc``; None elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def memory_probe(url: str, pid: int, count: int, k: int) -> dict:
+    """RSS of the server after a warm-up and after ``count`` distinct queries (one client)."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120) as http:
+        for _ in range(3):  # the allocator's steady state for the usual query lengths
+            for query in QUERIES:
+                http.get("/api/search", params={"q": query, "k": k})
+        before = rss_mb(pid)
+        started = time.perf_counter()
+        errors = sum(http.get("/api/search", params={"q": q, "k": k}).status_code != 200
+                     for q in distinct_queries(count))
+        wall = time.perf_counter() - started
+        after = rss_mb(pid)
+    row = {"bench": "server_memory", "distinct_queries": count, "errors": errors,
+           "rss_before_mb": None if before is None else round(before, 1),
+           "rss_after_mb": None if after is None else round(after, 1), "wall_s": round(wall, 1)}
+    if before is not None and after is not None:
+        row["rss_growth_kb_per_query"] = round(1024 * (after - before) / max(1, count), 2)
+    return row
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]  # nearest rank
@@ -132,6 +187,12 @@ def measure(args: argparse.Namespace) -> list[dict]:
         server = start_server(args.index, port, args.threads, max_batch)
         try:
             health = wait_ready(server, url)
+            if args.distinct > 0:
+                row = {**memory_probe(url, server.pid, args.distinct, args.k), "max_batch": max_batch,
+                       "gallery_size": health["gallery_size"], "model": health["model"],
+                       "time": datetime.datetime.now().isoformat(timespec="seconds")}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
             for concurrency in args.clients:
                 requests_per_client = max(args.min_requests_per_client, args.requests // concurrency)
                 # the clients run in a second process, as a real client would
@@ -169,12 +230,17 @@ def measure(args: argparse.Namespace) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = ["| server | clients | requests | requests/s | p50 (ms) | p95 (ms) | p99 (ms) | errors |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    memory = [r for r in rows if r.get("bench") == "server_memory"]
+    rows = [r for r in rows if r.get("bench") != "server_memory"]
     for r in rows:
         server = "batching (max 32)" if r["max_batch"] > 1 else "one query at a time"
         if r["max_batch"] not in (1, 32):
             server = f"batching (max {r['max_batch']})"
         lines.append(f"| {server} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} "
                      f"| {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+    for r in memory:
+        lines.append(f"\nserver RSS {r['rss_before_mb']} MiB after warm-up, {r['rss_after_mb']} MiB after "
+                     f"{r['distinct_queries']:,} distinct queries ({r.get('rss_growth_kb_per_query')} KiB per query)")
     return "\n".join(lines)
 
 
@@ -202,6 +268,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=lambda s: [int(v) for v in s.split(",")], default=[32, 1],
                         help="server settings to compare (tbps serve --max-batch), comma-separated")
     parser.add_argument("--threads", default="1", help="the server's torch / BLAS threads")
+    parser.add_argument("--distinct", type=int, default=1000,
+                        help="distinct queries between the two RSS readings of the server (0: no memory probe)")
     parser.add_argument("--slot", action="store_true", help="wait for a compare_methods.py CPU slot first")
     parser.add_argument("--out", default=str(RESULTS), help="JSON lines appended here")
     args = parser.parse_args()

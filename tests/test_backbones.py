@@ -397,3 +397,45 @@ def test_frozen_layer_cache_matches_full_forward_and_trains_the_top():
     with pytest.raises(TBPSError, match="text_frozen_layers"):
         B.build_text_encoder(cfg(text_backbone="hf", text_pretrained="minilm", text_frozen_cache=True),
                              bert_tokenizer())
+
+
+def test_frozen_layer_cache_does_not_depend_on_the_batch_a_caption_first_came_in():
+    """A resumed run starts with an empty cache: it must compute exactly what the uninterrupted run
+    cached earlier, whatever captions shared that batch (issue 19: exact resume with the cache)."""
+    model_cfg = cfg(text_backbone="hf", text_pretrained="minilm", embed_dim=32, text_frozen_layers=4,
+                    text_frozen_cache=True)
+    torch.manual_seed(0)
+    encoder = B.build_text_encoder(model_cfg, bert_tokenizer()).eval()
+    generator = torch.Generator().manual_seed(1)
+    others = torch.zeros(63, 16, dtype=torch.long)
+    for row in range(63):
+        n = 3 + row % 14
+        others[row, 0], others[row, n - 1] = 101, 102
+        others[row, 1:n - 1] = torch.randint(1000, 20000, (n - 2,), generator=generator)
+    target = bert_ids()[1:]
+    with torch.no_grad():
+        encoder(target)
+        (key, alone), = encoder._cache.items()
+        encoder.clear_frozen_cache()
+        encoder(torch.cat([others, target]))
+    assert torch.equal(encoder._cache[key], alone)
+
+
+def test_inference_models_keep_no_text_cache(tmp_path):
+    """1,000 distinct queries to a model loaded for serving leave no per-query state behind."""
+    from tbps.data.tokenizers import build_tokenizer
+    from tbps.engine.checkpoint import load_model_from_checkpoint, save_checkpoint
+    from tbps.models import build_model
+    from tiny_models import tiny_config
+
+    config = tiny_config("irra", {"sdm": 1.0}, {"cross_width": 32, "cross_layers": 1, "cross_heads": 2},
+                         text="minilm", text_frozen_cache=True, embed_dim=128)
+    tokenizer = build_tokenizer(config.data.tokenizer, config.data.text_length)
+    save_checkpoint(tmp_path / "best.pt", model=build_model(config, 4, tokenizer), cfg=config, num_classes=4)
+    model, _, tokenizer = load_model_from_checkpoint(tmp_path / "best.pt", "cpu")
+    queries = [f"a person number {i} in a coat" for i in range(1000)]
+    with torch.no_grad():
+        for start in range(0, len(queries), 250):
+            model.embed_texts(tokenizer(queries[start:start + 250]))
+    cached = sum(len(getattr(m, "_cache", {})) for m in model.modules() if hasattr(m, "clear_frozen_cache"))
+    assert cached == 0

@@ -82,3 +82,60 @@ def test_every_recipe_loads(recipe):
     cfg = load_config(REPO / "configs" / recipe)
     assert cfg.model.name
     assert yaml.safe_load((REPO / "configs" / recipe).read_text()) is not None
+
+
+# ----------------------------------------------------------------------------- nonsense refused at load (issue 19)
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.scheduler=cosin", "optim.scheduler.*cosine, step, constant"),
+    ("data.check=bogus", "data.check.*exists, decode, off"),
+    ("data.sampler=pk", "data.sampler"),
+    ("train.eval_split=Test", "train.eval_split"),
+    ("train.amp=fp8", "train.amp"),
+    ("optim.optimizer=lamb", "optim.optimizer"),
+    ("model.text_pooling=max", "model.text_pooling"),
+    ("train.epochs=0", "train.epochs: must be between 1"),
+    ("train.epochs=-3", "train.epochs"),
+    ("train.max_steps=-1", "train.max_steps: must be at least 0"),
+    ("train.log_every=0", "train.log_every: must be at least 1"),
+    ("train.seed=18446744073709551617", "train.seed"),
+    ("train.seed=-1", "train.seed"),
+    ("train.device=gpu", "train.device"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.image_size=[64]", "data.image_size"),
+    ("optim.lr=.nan", "optim.lr: expected a finite number"),
+    ("optim.betas=[0.9, 1.5]", "optim.betas"),
+])
+def test_nonsense_values_are_refused_when_the_config_loads(override, words):
+    with pytest.raises(TBPSError, match=words):
+        load_config(None, [override])
+
+
+def test_base_entries_must_be_file_names(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("_base_: [x.yaml, 5]\n")
+    with pytest.raises(TBPSError, match="_base_ must be a file name"):
+        load_config(recipe)
+
+
+def test_deeply_nested_yaml_is_one_line(tmp_path):
+    recipe = tmp_path / "deep.yaml"
+    recipe.write_text("method: {a: " + "[" * 5000 + "]" * 5000 + "}\n")
+    with pytest.raises(TBPSError, match="deep"):
+        load_config(recipe)
+    with pytest.raises(TBPSError, match="nested"):
+        load_config(None, ["method.x=" + "[" * 40 + "]" * 40])
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text("method:\n" + "\n".join("  " + line for line in lines) + "\n")  # 10^9 values
+    started = time.perf_counter()
+    with pytest.raises(TBPSError, match="expands to more than"):
+        load_config(recipe)
+    assert time.perf_counter() - started < 5

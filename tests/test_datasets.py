@@ -111,19 +111,37 @@ def test_icfg_without_annotation_names_both_files(tmp_path):
         load_dataset("icfg-pedes", tmp_path / "ICFG")
 
 
-def test_rstpreid_img_path_and_other_split_strings_are_val(tmp_path):
+def test_rstpreid_img_path(tmp_path):
     records = [
         _record(0, "train", "0000_c14_0031.jpg", ("a", "b"), path_field="img_path", tokens=False),
         _record(1, "val", "0001_c1_0001.jpg", ("c", "d"), path_field="img_path", tokens=False),
-        _record(2, "validation", "0002_c1_0001.jpg", ("e", "f"), path_field="img_path", tokens=False),
-        _record(3, "Test", "0003_c1_0001.jpg", ("g", "h"), path_field="img_path", tokens=False),  # not exact
         _record(4, "test", "0004_c1_0001.jpg", ("i", "j"), path_field="img_path", tokens=False),
     ]
     root = write_dataset(tmp_path / "RSTPReid", records, name="data_captions.json")
     ds = load_dataset("rstpreid", root)
-    assert [r.raw_pid for r in ds.val] == [1, 2, 3]
+    assert [r.raw_pid for r in ds.val] == [1]
     assert [r.raw_pid for r in ds.test] == [4]
     assert ds.train[0].image_path.endswith("imgs/0000_c14_0031.jpg")
+
+
+@pytest.mark.parametrize("split", ["dev", "Test", "validation", "train "])
+def test_an_unknown_split_value_names_the_record(tmp_path, split):
+    records = [*CUHK_RECORDS[:2], _record(7, split, "train_query/p7.png"), *CUHK_RECORDS[2:]]
+    root = write_dataset(tmp_path / "CUHK-PEDES", records)
+    with pytest.raises(TBPSError, match=f"record 2: unknown split {split!r}"):
+        load_dataset("cuhk-pedes", root)
+
+
+def test_duplicate_image_paths(tmp_path, caplog):
+    train_twice = [*CUHK_RECORDS, _record(CUHK_RECORDS[0]["id"], "train", CUHK_RECORDS[0]["file_path"])]
+    with caplog.at_level("WARNING"):
+        ds = load_dataset("cuhk-pedes", write_dataset(tmp_path / "a", train_twice))
+    assert len(ds.train) == sum(r["split"] == "train" for r in train_twice)
+    assert "1 train records repeat an image path" in caplog.text
+    test_rec = next(i for i, r in enumerate(CUHK_RECORDS) if r["split"] == "test")
+    test_twice = [*CUHK_RECORDS, dict(CUHK_RECORDS[test_rec])]
+    with pytest.raises(TBPSError, match=f"record {len(CUHK_RECORDS)}: image .* is already test record {test_rec}"):
+        load_dataset("cuhk-pedes", write_dataset(tmp_path / "b", test_twice))
 
 
 def test_synth_name_reads_the_cuhk_layout(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -176,7 +177,7 @@ def test_append_metrics_jsonl(tmp_path):
     assert rows == [{"split": "val", "R1": 1.5, "step": 3}, {"split": "test", "R1": 2.0}]
 
 
-def test_evaluate_checkpoint_appends_a_row(records, tmp_path, monkeypatch):
+def test_evaluate_checkpoint_writes_only_where_asked(records, tmp_path, monkeypatch):
     import tbps.data.datasets as datasets
     import tbps.data.transforms as transforms
     import tbps.engine.checkpoint as checkpoint
@@ -198,13 +199,32 @@ def test_evaluate_checkpoint_appends_a_row(records, tmp_path, monkeypatch):
 
     metrics = evaluate_checkpoint(ckpt, device="cpu", batch_size=4, i2t=True, progress=False)
     assert metrics["R1"] == pytest.approx(100.0) and "i2t_R1" in metrics
-    row = json.loads((ckpt.parent / "metrics.jsonl").read_text())
+    assert list(ckpt.parent.iterdir()) == []  # evaluation writes nothing beside the checkpoint
+    log_file = tmp_path / "logs" / "eval.jsonl"
+    evaluate_checkpoint(ckpt, device="cpu", batch_size=4, progress=False, log_to=log_file)
+    row = json.loads(log_file.read_text())
     assert row["split"] == "test" and row["dataset"] == "toy" and row["R1"] == pytest.approx(100.0)
-    evaluate_checkpoint(ckpt, device="cpu", progress=False, overrides=["method.fuse_weight=1.0"])
+    evaluate_checkpoint(ckpt, device="cpu", progress=False, overrides=["method.fuse_weight=1.0"], log_to=log_file)
     assert seen_overrides[-1] == ["method.fuse_weight=1.0"]  # inference-time changes reach the model build
-    assert json.loads((ckpt.parent / "metrics.jsonl").read_text().splitlines()[-1])["overrides"] == [
-        "method.fuse_weight=1.0"]
+    assert json.loads(log_file.read_text().splitlines()[-1])["overrides"] == ["method.fuse_weight=1.0"]
     with pytest.raises(TBPSError, match="val split is empty"):
         evaluate_checkpoint(ckpt, split="val", device="cpu", progress=False)
     with pytest.raises(TBPSError, match="give --root"):
         evaluate_checkpoint(ckpt, dataset="cuhk-pedes", device="cpu", progress=False)
+
+
+def test_missing_images_are_one_line_before_evaluation(records, tmp_path, monkeypatch):
+    import tbps.data.datasets as datasets
+    import tbps.engine.checkpoint as checkpoint
+
+    cfg = Config()
+    cfg.data.dataset, cfg.data.root, cfg.data.num_workers = "toy", str(tmp_path), 0
+    monkeypatch.setattr(checkpoint, "load_model_from_checkpoint", lambda path, device, overrides=None:
+                        (ColourModel(), cfg, tokenize))
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, root: SimpleNamespace(split=lambda s: records))
+    Path(records[1].image_path).unlink()
+    with pytest.raises(TBPSError) as info:
+        evaluate_checkpoint(tmp_path / "best.pt", device="cpu", progress=False)
+    message = str(info.value)
+    assert "1 of the" in message and Path(records[1].image_path).name in message and "\n" not in message

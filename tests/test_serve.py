@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import os
 import re
 import socket
 import threading
@@ -36,7 +38,11 @@ def searcher(index_dir) -> Searcher:
 
 @pytest.fixture(scope="module")
 def client(searcher) -> TestClient:
-    return TestClient(create_app(searcher, max_query_chars=80, max_k=20))
+    return TestClient(create_app(searcher, max_query_chars=80, max_k=20), base_url="http://127.0.0.1:8000")
+
+
+def gallery_relative(searcher, path: str) -> str:
+    return os.path.relpath(path, searcher.index.image_root)
 
 
 # ----------------------------------------------------------------------------- good requests
@@ -49,7 +55,8 @@ def test_search_returns_the_searchers_ranking(client, searcher):
     expected = searcher.search([QUERY], top_k=5)[0]
     assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4, 5]
     assert [set(r) for r in body["results"]] == [{"rank", "path", "score", "url"}] * 5
-    assert [r["path"] for r in body["results"]] == [e["path"] for e in expected]
+    assert [r["path"] for r in body["results"]] == [gallery_relative(searcher, e["path"]) for e in expected]
+    assert not any(os.path.isabs(r["path"]) for r in body["results"])  # no server paths leak
     assert [r["url"] for r in body["results"]] == [f"/images/{e['index']}" for e in expected]
     assert [r["score"] for r in body["results"]] == pytest.approx([e["score"] for e in expected], abs=1e-6)
     scores = [r["score"] for r in body["results"]]
@@ -62,23 +69,24 @@ def test_defaults_k_beyond_the_gallery_and_rerank_off(client, searcher):
     assert len(client.get("/api/search", params={"q": "a woman", "k": 20}).json()["results"]) == NUM_IMAGES
     off = client.get("/api/search", params={"q": "a woman", "k": "3", "rerank": "off"}).json()
     assert off["rerank"] is False
-    assert [r["path"] for r in off["results"]] == [e["path"] for e in searcher.search(["a woman"], 3, rerank=False)[0]]
+    assert [r["path"] for r in off["results"]] == [gallery_relative(searcher, e["path"])
+                                                   for e in searcher.search(["a woman"], 3, rerank=False)[0]]
 
 
-def test_result_urls_serve_the_indexed_files(client):
+def test_result_urls_serve_the_indexed_files(client, searcher):
     results = client.get("/api/search", params={"q": QUERY, "k": 3}).json()["results"]
     for result in results:
         image = client.get(result["url"])
         assert image.status_code == 200
         assert image.headers["content-type"] == "image/png"
         assert image.headers["x-content-type-options"] == "nosniff"
-        assert image.content == Path(result["path"]).read_bytes()
+        assert image.content == (searcher.index.image_root / result["path"]).read_bytes()
 
 
 def test_healthz(client):
     assert client.get("/healthz").json() == {
         "status": "ok", "gallery_size": NUM_IMAGES, "model": "irra", "rerank": False,
-        "limits": {"max_query_chars": 80, "max_k": 20}}
+        "limits": {"max_query_chars": 80, "max_k": 20}, "auth": False}
 
 
 def test_page_has_the_search_box_and_a_policy_that_allows_exactly_its_script(client):
@@ -265,7 +273,7 @@ def test_a_searcher_error_reaches_the_client_as_json(searcher):
         def image_path(self, index):
             return searcher.image_path(index)
 
-    client = TestClient(create_app(Failing()), raise_server_exceptions=False)
+    client = TestClient(create_app(Failing()), raise_server_exceptions=False, base_url="http://localhost")
     response = client.get("/api/search", params={"q": "a"})
     assert response.status_code == 400 and response.json() == {"error": "the index went away"}
 
@@ -293,3 +301,130 @@ def test_limits_must_be_positive(searcher):
     with pytest.raises(TBPSError):
         create_app(searcher, max_k=0)
     assert MAX_K >= 10
+
+
+# ----------------------------------------------------------------------------- exposure (issue 19)
+
+@pytest.mark.parametrize("base_url, status", [
+    ("http://127.0.0.1:8000", 200), ("http://localhost", 200), ("http://[::1]:8000", 200),
+    ("http://LOCALHOST:9", 200), ("http://rebind.attacker.example", 400), ("http://127.0.0.1.nip.io:8000", 400),
+    ("http://search.example.org", 200),
+])
+def test_only_allowed_host_names_are_served(searcher, base_url, status):
+    app = create_app(searcher, allowed_hosts=["localhost", "127.0.0.1", "::1", "search.example.org"])
+    response = TestClient(app, base_url=base_url).get("/api/search", params={"q": "a man"})
+    assert response.status_code == status, base_url
+    if status == 400:
+        assert "is not served here" in response.json()["error"]
+    default = TestClient(create_app(searcher), base_url="http://rebind.attacker.example")
+    assert default.get("/healthz").status_code == 400  # loopback names only by default
+
+
+def test_a_gallery_file_replaced_by_a_symlink_is_not_served(client, searcher, secret, index_dir):
+    path = Path(searcher.image_path(1))
+    kept = path.with_suffix(".kept")
+    path.rename(kept)
+    try:
+        path.symlink_to(index_dir.parent / "secret.txt")  # outside the gallery
+        response = client.get("/images/1")
+        assert response.status_code == 404 and secret not in response.content
+        path.unlink()
+        path.symlink_to(kept)  # inside the gallery: a regular file there
+        assert client.get("/images/1").content == kept.read_bytes()
+        path.unlink()
+        path.mkdir()  # not a regular file
+        assert client.get("/images/1").status_code == 404
+        path.rmdir()
+    finally:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        kept.rename(path)
+
+
+TOKEN = "s3cret-Token-0123456789"
+
+
+def test_a_token_guards_every_request_but_the_page(searcher, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    client = TestClient(create_app(searcher, token=TOKEN, audit_log=audit), base_url="http://localhost")
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.get("/").status_code == 200  # the page itself holds no data
+    for path in ["/api/search?q=a+man", "/images/0", "/healthz"]:
+        refused = client.get(path)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer"), path
+        assert client.get(path, headers={"Authorization": f"Bearer {TOKEN[:-1]}x"}).status_code == 401
+        assert client.get(path, headers={"Authorization": TOKEN}).status_code == 401  # no scheme
+        assert client.get(path, headers=good).status_code == 200, path
+    assert client.get("/healthz", headers=good).json()["auth"] is True
+    client.get("/api/search", params={"q": f"a man {TOKEN}", "k": 3}, headers=good)
+    client.get("/api/search", params={"q": "a man", "k": "many"}, headers=good)
+
+    lines = audit.read_text(encoding="utf-8").splitlines()
+    assert TOKEN not in audit.read_text(encoding="utf-8")
+    entries = [json.loads(line) for line in lines]
+    assert len(entries) == 1 + 4 * 3 + 1 + 2  # one line per request
+    assert all({"time", "client", "path", "query", "k", "results", "status"} <= set(e) for e in entries)
+    searched = [e for e in entries if e["path"] == "/api/search" and e["status"] == 200]
+    assert searched[0]["query"] == "a man" and searched[0]["k"] == 10 and searched[0]["results"] == 10
+    assert searched[1]["query"] == "a man [token]" and searched[1]["results"] == 3
+    assert entries[-1]["status"] == 400 and entries[-1]["query"] == "a man" and entries[-1]["k"] is None
+    assert [e["status"] for e in entries if e["path"] == "/images/0"] == [401, 401, 401, 200]
+
+
+def test_serve_reads_the_token_from_the_environment_and_sets_timeouts(index_dir, monkeypatch, tmp_path):
+    import uvicorn as uvicorn_module
+
+    from tbps.serve import serve
+
+    seen = {}
+    monkeypatch.setattr(uvicorn_module, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))
+    monkeypatch.setenv("TBPS_TOKEN", TOKEN)
+    serve(index_dir, host="127.0.0.1", port=free_port(), device="cpu", log_level="warning",
+          allowed_hosts=["search.example.org"], audit_log=tmp_path / "audit.jsonl")
+    client = TestClient(seen["app"], base_url="http://search.example.org")
+    assert client.get("/healthz").status_code == 401
+    assert client.get("/healthz", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert seen["timeout_keep_alive"] <= 5 and seen["http"] is not None
+
+
+def test_a_client_that_sends_its_headers_slowly_is_disconnected(searcher):
+    from tbps.serve import header_timeout_protocol
+
+    port = free_port()
+    config = uvicorn.Config(create_app(searcher), host="127.0.0.1", port=port, log_level="warning",
+                            http=header_timeout_protocol(0.5), timeout_keep_alive=1)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            started = time.monotonic()
+            closed = False
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40:  # bounded
+                try:
+                    conn.sendall(bytes([byte]))
+                    conn.settimeout(0.1)
+                    if conn.recv(1024) == b"":
+                        closed = True
+                        break
+                except socket.timeout:
+                    continue
+                except OSError:
+                    closed = True
+                    break
+            assert closed and time.monotonic() - started < 3, "a slow request head kept its connection"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:  # a normal client still works
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            reply, started = b"", time.monotonic()
+            conn.settimeout(3)
+            while chunk := conn.recv(65536):  # the reply, then the close of an idle connection
+                reply += chunk
+                assert time.monotonic() - started < 3, "an idle keep-alive connection stayed open"
+            assert reply.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in reply
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

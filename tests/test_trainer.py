@@ -173,3 +173,152 @@ def test_two_process_gloo_run_finishes_and_ranks_agree(tiny_synth_root, tmp_path
     assert r0["steps"] == r1["steps"] > 0
     assert r0["param_checksum"] == pytest.approx(r1["param_checksum"], rel=1e-6)
     assert (tmp_path / "ddp" / "last.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- faults under kills (issue 19)
+
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
+
+
+def all_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def demo_cfg(root: Path, out: Path, *extra: str):
+    """The demo recipe (MiniLM, frozen-layer text cache on) shrunk to the tiny dataset."""
+    return load_config(DEMO_RECIPE, [f"data.root={root}", f"train.output_dir={out}", "data.batch_size=8",
+                                     "data.num_instances=2", "data.num_workers=0", "train.device=cpu",
+                                     "train.log_every=1", "train.epochs=2", "eval.batch_size=32",
+                                     "data.image_size=[64, 32]", *extra])
+
+
+def test_demo_recipe_resume_is_bit_exact_after_a_stop_at_an_epoch_end_and_a_kill(tiny_synth_root, tmp_path):
+    """The text cache on; the step budget ends on an epoch's last batch; then a run is killed after
+    logging steps but before its checkpoint. The resumed losses equal the uninterrupted ones
+    exactly, no step is replayed, and metrics.jsonl holds one row per step."""
+    full = tmp_path / "full"
+    summary = train(demo_cfg(tiny_synth_root, full))
+    reference = train_rows(full)
+    spe = summary["steps"] // 2
+
+    part = tmp_path / "part"
+    train(demo_cfg(tiny_synth_root, part, f"train.max_steps={spe}"))
+    state = read_checkpoint(part / "last.pt")["train_state"]
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 0, spe)
+    saved = (part / "last.pt").read_bytes()
+    train(demo_cfg(tiny_synth_root, part, f"train.max_steps={spe + 2}"), resume=True)
+    (part / "last.pt").write_bytes(saved)  # killed after logging steps spe+1, spe+2, before last.pt
+    train(demo_cfg(tiny_synth_root, part), resume=True)
+
+    rows = all_rows(part)
+    keys = [(r["split"], r["step"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a step is logged twice"
+    resumed = train_rows(part)
+    assert sorted(resumed) == sorted(reference) and max(resumed) == 2 * spe
+    for step in sorted(reference):
+        assert resumed[step] == reference[step], step  # bit-exact, not approximately
+    final_a = read_checkpoint(full / "last.pt")["model"]
+    final_b = read_checkpoint(part / "last.pt")["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def _scripted_validation(monkeypatch, scores: list[float]) -> None:
+    """Validation returns the next of ``scores`` as R1 (model selection without a real evaluation)."""
+    from tbps.engine.trainer import Trainer
+
+    remaining = list(scores)
+
+    def validate(self):
+        r1 = remaining.pop(0)
+        return {"R1": r1, "R5": r1, "R10": r1, "mAP": r1, "mINP": r1}
+
+    monkeypatch.setattr(Trainer, "validate", validate)
+
+
+def test_a_lost_best_pt_is_written_again_on_resume(tiny_synth_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _scripted_validation(monkeypatch, [50.0, 40.0])
+    train(tiny_cfg(tiny_synth_root, out, "train.epochs=1"))
+    assert read_checkpoint(out / "last.pt")["train_state"]["best_metric"] == 50.0
+    (out / "best.pt").unlink()  # lost: a kill or a full disk between the two writes
+    train(tiny_cfg(tiny_synth_root, out, "train.epochs=2"), resume=True)
+    last = read_checkpoint(out / "last.pt")["train_state"]
+    best = read_checkpoint(out / "best.pt")  # epoch 2 scored lower, yet best.pt exists again
+    assert (best["best_metric"], best["epoch"]) == (last["best_metric"], last["best_epoch"]) == (40.0, 2)
+
+
+def test_last_pt_never_claims_a_best_pt_that_failed_to_write(tiny_synth_root, tmp_path, monkeypatch):
+    import tbps.engine.trainer as trainer_module
+
+    out = tmp_path / "run"
+    _scripted_validation(monkeypatch, [30.0, 60.0])
+    real_save = trainer_module.save_checkpoint
+    calls = {"best": 0}
+
+    def failing_save(path, **kwargs):
+        if Path(path).name == "best.pt":
+            calls["best"] += 1
+            if calls["best"] == 2:
+                raise TBPSError(f"{path}: cannot write it: no space left on device")
+        return real_save(path, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", failing_save)
+    with pytest.raises(TBPSError, match="no space"):
+        train(tiny_cfg(tiny_synth_root, out, "train.epochs=2"))
+    last = read_checkpoint(out / "last.pt")["train_state"]
+    best = read_checkpoint(out / "best.pt")
+    assert (last["best_metric"], last["best_epoch"]) == (best["best_metric"], best["epoch"]) == (30.0, 1)
+
+
+def test_a_fresh_run_refuses_an_old_run_and_cleans_temporary_files(tiny_synth_root, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(tiny_synth_root, out, "train.max_steps=1", "train.eval_split=none"))
+    stale = out / ".last.pt.abcd1234.tmp"  # what a kill during a checkpoint write leaves
+    stale.write_bytes(b"\0" * 1000)
+    rows = len(all_rows(out))
+    with pytest.raises(TBPSError, match="--resume.*--overwrite"):
+        train(tiny_cfg(tiny_synth_root, out, "train.max_steps=1", "train.eval_split=none"))
+    assert len(all_rows(out)) == rows  # the old log is untouched
+    assert not stale.exists()
+    stale.write_bytes(b"\0" * 1000)
+    train(tiny_cfg(tiny_synth_root, out, "train.max_steps=2", "train.eval_split=none"), resume=True)
+    assert not stale.exists()
+    train(tiny_cfg(tiny_synth_root, out, "train.max_steps=1", "train.eval_split=none"), overwrite=True)
+    assert max(r["step"] for r in all_rows(out)) == 1  # the old run's rows are gone
+
+
+def _mount_read_only(folder: Path) -> bool:
+    import subprocess
+
+    done = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+    if done.returncode != 0:
+        return False
+    done = subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+        return False
+    return True
+
+
+def test_eval_of_a_checkpoint_on_a_read_only_mount(tiny_synth_root, tmp_path, capsys):
+    import subprocess
+
+    from tbps.cli import main
+
+    out = tmp_path / "run"
+    train(tiny_cfg(tiny_synth_root, out, "train.max_steps=1", "train.eval_split=none"))
+    if not _mount_read_only(out):
+        pytest.skip("cannot mount a read-only folder here")
+    try:
+        with pytest.raises(OSError):
+            (out / "probe").write_text("x")
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(out / "last.pt"), "--device", "cpu", "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert set(printed) == {"R1", "R5", "R10", "mAP", "mINP"}
+        assert main(["eval", "--checkpoint", str(out / "last.pt"), "--device", "cpu", "--json",
+                     "--log", str(out / "eval.jsonl")]) == 1  # asked to write there: printed, then one line
+        captured = capsys.readouterr()
+        assert "R1" in captured.out and "read-only file system" in captured.err
+    finally:
+        subprocess.run(["umount", str(out)], capture_output=True)

@@ -101,7 +101,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
-    train(cfg, output_dir=args.output_dir, resume=args.resume)
+    if args.resume and args.overwrite:
+        raise TBPSError("--resume continues the run in the output folder and --overwrite deletes it: give one")
+    train(cfg, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -120,9 +122,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         overrides=args.overrides,
     )
     if args.json:
-        print(json.dumps({k: metrics[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}))
+        print(json.dumps({k: metrics[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}), flush=True)
     else:
-        print(format_metrics_table(metrics))
+        print(format_metrics_table(metrics), flush=True)
+    if args.log:  # after printing: a failed write must not lose the result
+        import datetime
+
+        from tbps.engine.evaluator import append_metrics_jsonl
+
+        row = {"event": "eval", "split": args.split, "dataset": args.dataset, "root": args.root,
+               "checkpoint": args.checkpoint, "overrides": list(args.overrides), **metrics,
+               "time": datetime.datetime.now().isoformat(timespec="seconds")}
+        try:
+            append_metrics_jsonl(args.log, row)
+        except OSError as exc:
+            from tbps.io import write_error
+
+            raise write_error(args.log, exc) from None
     return 0
 
 
@@ -131,7 +147,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.index, host=args.host, port=args.port, checkpoint=args.checkpoint, device=args.device,
           max_query_chars=args.max_query_chars, max_k=args.max_k, max_batch=args.max_batch,
-          log_level=args.log_level, image_root=args.image_root)
+          log_level=args.log_level, image_root=args.image_root, allowed_hosts=args.allowed_host,
+          token=args.token, audit_log=args.audit_log, header_timeout=args.header_timeout)
     return 0
 
 
@@ -259,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="recipe, e.g. configs/irra_cuhk.yaml")
     p.add_argument("--output-dir", default=None, help="where outputs go (default: train.output_dir)")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT_DIR/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an OUTPUT_DIR that holds another run, deleting its checkpoints and log "
+                        "(without it such a folder is refused)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after N optimiser steps, then evaluate and save (smoke runs)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -276,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--i2t", action="store_true", help="also report image-to-text retrieval")
     p.add_argument("--json", action="store_true", help='print {"R1", "R5", "R10", "mAP", "mINP"} only')
+    p.add_argument("--log", default=None, metavar="FILE",
+                   help="also append the result as a JSON line to FILE (nothing is written without it)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="inference-time config changes applied to the checkpoint's saved config, "
                         "e.g. method.fuse_weight=1.0 (the method's docs list its options)")
@@ -326,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", nargs="*", help="descriptions, e.g. 'a man in a grey hoodie with a red backpack'")
     p.set_defaults(func=_cmd_search)
     p = sub.add_parser("serve", formatter_class=fmt, help="HTTP API and web page to search an index",
-                       description="Serve the search page and the HTTP API for an index.")
+                       description="Serve the search page and the HTTP API for an index. It listens on "
+                       "127.0.0.1 only by default; before exposing it, set a token and put it behind a "
+                       "TLS reverse proxy (README, 'Serving').")
     p.add_argument("--index", required=True, help="index folder written by tbps index")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -339,6 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (info logs every request)")
     p.add_argument("--image-root", default=None, help=IMAGE_ROOT_HELP)
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a Host name clients may use, besides localhost, 127.0.0.1, ::1 and --host (repeat it "
+                        "for several; '*' allows any). Other names are refused, against DNS rebinding")
+    p.add_argument("--token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on every API and image request (the page asks "
+                        "for it once); default: the TBPS_TOKEN environment variable, which other users "
+                        "cannot read in the process list")
+    p.add_argument("--audit-log", default=None, metavar="FILE",
+                   help="append one JSON line per request to FILE: time, client address, path, query, k, "
+                        "result count, status (never the token)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a complete request head before it is disconnected")
     p.set_defaults(func=_cmd_serve)
 
     # visualize

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,17 +113,115 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# ----------------------------------------------------------------------------- validation
+
+# Every enumerated option, checked when the config loads (not when the loop first reads it).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.sampler": ("identity", "random"),
+    "data.check": ("exists", "decode", "off"),
+    "model.text_backbone": ("clip", "hf"),
+    "model.text_pooling": ("default", "eot", "cls", "mean"),
+    "optim.optimizer": ("adam", "adamw", "sgd"),
+    "optim.scheduler": ("cosine", "step", "constant"),
+    "optim.bias_lr": ("group", "base"),
+    "train.amp": ("auto", "bf16", "fp16", "off"),
+    "train.eval_split": ("val", "test", "none"),
+}
+SEED_MAX = 2**63 - 2**16  # torch seeds are 64-bit; each rank adds its number
+# (key, lowest allowed, highest allowed or None); integers and numbers alike
+BOUNDS: tuple[tuple[str, float, float | None], ...] = (
+    ("data.text_length", 2, 4096), ("data.batch_size", 1, None), ("data.num_instances", 1, None),
+    ("data.positives", 0, None), ("data.num_workers", 0, 256),
+    ("model.text_frozen_layers", 0, None), ("model.embed_dim", 1, None), ("model.resnet_last_stride", 1, 2),
+    ("optim.lr", 0, None), ("optim.new_lr_factor", 0, None), ("optim.bias_lr_factor", 0, None),
+    ("optim.weight_decay", 0, None), ("optim.weight_decay_bias", 0, None), ("optim.momentum", 0, 1),
+    ("optim.warmup_epochs", 0, None), ("optim.warmup_factor", 0, None), ("optim.min_lr", 0, None),
+    ("optim.gamma", 0, None), ("optim.grad_clip", 0, None),
+    ("train.epochs", 1, 1_000_000), ("train.seed", 0, SEED_MAX), ("train.eval_every", 0, None),
+    ("train.log_every", 1, None), ("train.max_steps", 0, None),
+    ("eval.batch_size", 1, None), ("eval.query_chunk", 1, None),
+)
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
+MAX_YAML_NODES = 100_000  # values a config may expand to (YAML aliases share nodes: a bomb is cut here)
+MAX_YAML_DEPTH = 32
+
+
+def validate_config(cfg: "Config") -> "Config":
+    """One-line errors for values no run could use: unknown choices, out-of-range numbers."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise TBPSError(f"config key {key}: {value!r} is not one of {', '.join(allowed)}")
+    for key, low, high in BOUNDS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < low or (high is not None and value > high):
+            span = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise TBPSError(f"config key {key}: must be {span}, got {value}")
+    if not _DEVICE.fullmatch(cfg.train.device):
+        raise TBPSError(f"config key train.device: {cfg.train.device!r} is not auto, cpu, cuda or cuda:N")
+    if len(cfg.data.image_size) != 2 or not all(1 <= v <= 8192 for v in cfg.data.image_size):
+        raise TBPSError(f"config key data.image_size: expected [height, width] of 1..8192 pixels, "
+                        f"got {cfg.data.image_size}")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise TBPSError(f"config key optim.betas: expected two numbers in [0, 1), got {betas}")
+    if cfg.optim.eps <= 0 or cfg.model.temperature <= 0:
+        key = "optim.eps" if cfg.optim.eps <= 0 else "model.temperature"
+        raise TBPSError(f"config key {key}: must be greater than 0")
+    if any(m < 0 for m in cfg.optim.milestones):
+        raise TBPSError(f"config key optim.milestones: epochs must not be negative, got {cfg.optim.milestones}")
+    if cfg.model.text_frozen_cache and cfg.model.text_backbone == "hf" and cfg.model.text_frozen_layers < 1:
+        raise TBPSError("config key model.text_frozen_cache: needs model.text_frozen_layers > 0")
+    return cfg
+
+
+def check_yaml_size(data: Any, where: str) -> None:
+    """Refuse a value that expands to more than ``MAX_YAML_NODES`` values or nests deeper than
+    ``MAX_YAML_DEPTH`` (a YAML alias bomb is small on disk and huge once copied or walked)."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise TBPSError(f"{where}: expands to more than {MAX_YAML_NODES:,} values (YAML aliases?); "
+                            "a config is a few hundred")
+        if depth > MAX_YAML_DEPTH:
+            raise TBPSError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+            count += len(node)
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _safe_load(text: str, where: str) -> Any:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise TBPSError(f"{where}:{line} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (RecursionError, MemoryError):
+        raise TBPSError(f"{where}: nested too deeply or too large to read as YAML") from None
+    check_yaml_size(data, where)
+    return data
+
+
 # ----------------------------------------------------------------------------- loading
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TBPSError(f"{path}: config file not found")
+    if path.stat().st_size > 1 << 20:
+        raise TBPSError(f"{path}: {path.stat().st_size:,} bytes is too large for a config (1 MiB at most)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise TBPSError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TBPSError(f"{path}: not a UTF-8 text file") from None
+    data = _safe_load(text, str(path)) or {}
     if not isinstance(data, dict):
         raise TBPSError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
     return data
@@ -158,6 +258,8 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):
+        raise TBPSError(f"{path}: _base_ must be a file name or a list of file names, got {bases!r}")
     merged: dict[str, Any] = {}
     for base in bases:
         merged = _deep_merge(merged, _load_with_bases(path.parent / base, seen + (path,)))
@@ -176,6 +278,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except (RecursionError, MemoryError):
+        raise TBPSError(f"override {key.strip()!r}: the value is nested too deeply") from None
+    check_yaml_size(value, f"override {key.strip()!r}")
     return keys, value
 
 
@@ -217,9 +322,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise TBPSError(f"config key {where}: expected a number, got {value!r}")
         try:
-            return float(value)
-        except ValueError:
-            raise TBPSError(f"config key {where}: expected a number, got {value!r}") from None
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise TBPSError(f"config key {where}: expected a number, got {str(value)[:40]!r}") from None
+        if not math.isfinite(number):
+            raise TBPSError(f"config key {where}: expected a finite number, got {value!r}")
+        return number
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
@@ -266,11 +374,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     """Read a recipe (with its bases), apply ``key=value`` overrides, and validate every key."""
     data = _load_with_bases(Path(path)) if path else {}
     data = apply_overrides(data, overrides or [])
-    return build_dataclass(Config, data)
+    return validate_config(build_dataclass(Config, data))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return build_dataclass(Config, data)
+    check_yaml_size(data, "config")
+    return validate_config(build_dataclass(Config, data))
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

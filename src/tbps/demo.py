@@ -90,7 +90,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
 
     print(f"[2/5] training {cfg.model.name} ({cfg.model.image_backbone} + {cfg.model.text_pretrained or 'CLIP'} "
           f"text encoder) for {cfg.train.epochs} epochs on the CPU")
-    train(cfg, output_dir=out / "train")
+    train(cfg, output_dir=out / "train", overwrite=True)  # the demo owns its folder: a rerun replaces it
     checkpoint = out / "train" / "best.pt"
 
     print("[3/5] evaluating on the test split")

@@ -7,7 +7,16 @@ Routes (the HTTP contract of ``interface.md``):
   [{"rank", "path", "score", "url"}]}``;
 - ``GET /images/<id>``: gallery image ``id`` (its row in the index). Only images in the index are
   served: the id is a row number looked up in the index, never a path taken from the request;
-- ``GET /healthz`` -> ``{"status": "ok", "gallery_size", "model", "rerank", "limits"}``.
+- ``GET /healthz`` -> ``{"status": "ok", "gallery_size", "model", "rerank", "limits", "auth"}``.
+
+Result paths are relative to the gallery folder (no server paths leak); an image is served only if
+its file, symlinks resolved, is a regular file inside the indexed gallery. Requests whose ``Host``
+is not an allowed name (loopback names by default) are refused, against DNS rebinding. With a token
+(``--token`` / ``TBPS_TOKEN``) every request but the page itself needs ``Authorization: Bearer
+TOKEN`` (compared in constant time); the page asks for it once. ``--audit-log`` appends one JSON line
+per request (time, client, path, query, k, result count, status), never the token. Connections
+that send their request head too slowly are closed (``HEADER_TIMEOUT``), idle ones after the
+keep-alive timeout.
 
 Every parameter is validated (query length, k range, integer syntax, on/off, no unknown or repeated
 parameters); a bad request gets a 4xx JSON ``{"error": "..."}``, as does every other error.
@@ -22,12 +31,16 @@ CPU, so throughput grows with load while a lone client sees no added latency (nu
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
+import hmac
+import json
 import logging
 import mimetypes
 import os
 import re
 import socket
+import stat
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -50,6 +63,11 @@ MAX_BATCH = 32
 PARAMETERS = ("q", "k", "rerank")
 _IMAGE_ID = re.compile(r"[0-9]{1,12}")
 _INTEGER = re.compile(r"[+]?[0-9]{1,9}")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+PUBLIC_PATHS = ("/", "/favicon.ico")  # the page holds no data; it asks for the token itself
+HEADER_TIMEOUT = 10.0   # seconds a client has to send a complete request head
+KEEP_ALIVE_TIMEOUT = 5.0  # seconds an idle keep-alive connection stays open
+TOKEN_ENV = "TBPS_TOKEN"
 
 
 # ----------------------------------------------------------------------------- batching
@@ -197,6 +215,125 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+def host_name(header: str) -> str:
+    """The name of a ``Host`` header without its port: ``[::1]:8000`` -> ``::1``, ``a.b:80`` -> ``a.b``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        return header[1:end] if end > 0 else ""
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class AuditLog:
+    """One JSON line per request, appended with one ``write`` on an ``O_APPEND`` descriptor (whole
+    lines even with several writers); the token, if any, is masked wherever it would appear."""
+
+    def __init__(self, path: str | os.PathLike, token: str | None = None) -> None:
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise TBPSError(f"{path}: cannot open the audit log ({exc.strerror})") from None
+        self.path = str(path)
+        self.token = token
+        self._lock = threading.Lock()
+
+    def write(self, entry: dict[str, Any]) -> None:
+        line = json.dumps(entry, ensure_ascii=False)
+        if self.token:
+            line = line.replace(self.token, "[token]")
+        with self._lock:
+            os.write(self.fd, (line + "\n").encode("utf-8"))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+async def _json_reply(send: Any, status: int, message: str, headers: list | None = None) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Guard:
+    """Pure ASGI middleware in front of every route: the ``Host`` check, the bearer token, and
+    the audit line written once the response is done."""
+
+    def __init__(self, app: Any, allowed_hosts: tuple[str, ...], token: str | None,
+                 audit: AuditLog | None) -> None:
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts}
+        self.token = token.encode("utf-8") if token else None
+        self.audit = audit
+
+    def _authorised(self, scope: dict) -> bool:
+        if self.token is None or scope["path"] in PUBLIC_PATHS:
+            return True
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, given = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
+        return False
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 0}
+
+        async def send_and_note(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+            await send(message)
+
+        host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+        try:
+            if not self.any_host and host_name(host) not in self.allowed_hosts:
+                allowed = ", ".join(sorted(self.allowed_hosts))
+                await _json_reply(send_and_note, 400, f"host {host[:100]!r} is not served here (allowed: "
+                                  f"{allowed}; see tbps serve --allowed-host)")
+            elif not self._authorised(scope):
+                await _json_reply(send_and_note, 401, "a token is needed: send Authorization: Bearer TOKEN",
+                                  [(b"www-authenticate", b"Bearer realm=\"tbps\"")])
+            else:
+                await self.app(scope, receive, send_and_note)
+        finally:
+            if self.audit is not None:
+                self._audit(scope, status["code"])
+
+    def _audit(self, scope: dict, status: int) -> None:
+        noted = scope.get("state", {}).get("audit", {})
+        client = scope.get("client")
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+        self.audit.write({"time": now, "client": client[0] if client else None, "method": scope.get("method"),
+                          "path": scope.get("path"), "query": noted.get("query"), "k": noted.get("k"),
+                          "results": noted.get("results"), "status": status})
+
+
+def gallery_file(path: str, root: str | os.PathLike | None) -> str | None:
+    """``path`` resolved, if it is a regular file inside the gallery ``root`` (symlinks resolved on
+    both sides); else None. A gallery file replaced by a link to ``/etc/...`` is not served."""
+    real = os.path.realpath(path)
+    if root is not None:
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) != real_root:
+            return None
+    try:
+        return real if stat.S_ISREG(os.stat(real).st_mode) else None
+    except OSError:
+        return None
+
+
+def relative_path(path: str, root: str | os.PathLike | None) -> str:
+    """A result's path as the API shows it: relative to the gallery folder (no server paths)."""
+    if root is None:
+        return os.path.basename(path)
+    relative = os.path.relpath(path, root)
+    return os.path.basename(path) if relative.startswith(os.pardir) else relative.replace(os.sep, "/")
+
+
 def _page_and_policy() -> tuple[bytes, str]:
     """The search page, and a Content-Security-Policy that allows exactly its inline script and style."""
     page = resources.files("tbps").joinpath("search/static/index.html").read_bytes()
@@ -206,16 +343,26 @@ def _page_and_policy() -> tuple[bytes, str]:
         return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b).digest()).decode()}'" for b in bodies)
 
     policy = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
-              "img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+              "img-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
     return page, policy
 
 
 def create_app(searcher: Any, *, max_query_chars: int = MAX_QUERY_CHARS, max_k: int = MAX_K,
-               max_batch: int = MAX_BATCH):
+               max_batch: int = MAX_BATCH, allowed_hosts: tuple[str, ...] | list[str] | None = None,
+               token: str | None = None, audit_log: str | os.PathLike | None = None):
     """The FastAPI app for a loaded ``tbps.search.Searcher`` (or anything with its surface:
-    ``size``, ``model_name``, ``has_rerank``, ``search(queries, top_k, rerank)``, ``image_path(i)``)."""
+    ``size``, ``model_name``, ``has_rerank``, ``search(queries, top_k, rerank)``, ``image_path(i)``
+    and, for relative paths and the gallery check, ``index.image_root``).
+
+    ``allowed_hosts``: ``Host`` names served (default: loopback names; ``"*"``: any); ``token``: the
+    bearer token every request but the page needs; ``audit_log``: a file for one JSON line per request."""
     if max_query_chars < 1 or max_k < 1:
         raise TBPSError("the query length and k limits must be at least 1")
+    if token is not None and (len(token) < 8 or not token.isprintable() or " " in token):
+        raise TBPSError("the token must be at least 8 printable characters without spaces")
+    hosts = tuple(allowed_hosts) if allowed_hosts else LOOPBACK_HOSTS
+    root = getattr(getattr(searcher, "index", None), "image_root", None)
+    audit = AuditLog(audit_log, token) if audit_log is not None else None
     batcher = QueryBatcher(searcher, max_batch=max_batch)
     page, policy = _page_and_policy()
     app = FastAPI(title="tbps", docs_url=None, redoc_url=None, openapi_url=None)
@@ -248,7 +395,9 @@ def create_app(searcher: Any, *, max_query_chars: int = MAX_QUERY_CHARS, max_k: 
         log.exception("error while answering %s", request.url.path)
         return error(500, "internal error while searching (see the server log)")
 
+    app.add_middleware(_Guard, allowed_hosts=hosts, token=token, audit=audit)
     app.add_middleware(_SecurityHeaders)
+    app.state.audit = audit
 
     @app.get("/")
     def index_page() -> Response:
@@ -262,18 +411,24 @@ def create_app(searcher: Any, *, max_query_chars: int = MAX_QUERY_CHARS, max_k: 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "gallery_size": int(searcher.size), "model": searcher.model_name,
-                "rerank": bool(searcher.has_rerank), "limits": {"max_query_chars": max_query_chars, "max_k": max_k}}
+                "rerank": bool(searcher.has_rerank), "limits": {"max_query_chars": max_query_chars, "max_k": max_k},
+                "auth": token is not None}
 
     @app.get("/api/search")
     def api_search(request: Request) -> dict[str, Any]:
+        noted: dict[str, Any] = {"query": request.query_params.get("q", "")[:max_query_chars]}
+        request.state.audit = noted
         query, k, rerank = parse_search_params(request.query_params, max_query_chars, max_k)
+        noted.update(query=query, k=k)
         try:
             rows = batcher.search(query, k, rerank)
         except TBPSError as exc:
             raise BadRequest(str(exc)) from None
+        noted["results"] = len(rows)
         return {"query": query, "k": k, "rerank": rerank and bool(searcher.has_rerank),
-                "results": [{"rank": int(r["rank"]), "path": str(r["path"]), "score": round(float(r["score"]), 6),
-                             "url": f"/images/{int(r['index'])}"} for r in rows]}
+                "results": [{"rank": int(r["rank"]), "path": relative_path(str(r["path"]), root),
+                             "score": round(float(r["score"]), 6), "url": f"/images/{int(r['index'])}"}
+                            for r in rows]}
 
     @app.get("/images/{image_id}")
     def image(image_id: str) -> Response:
@@ -281,10 +436,14 @@ def create_app(searcher: Any, *, max_query_chars: int = MAX_QUERY_CHARS, max_k: 
             raise BadRequest(f"no image {image_id[:30]!r} in the index: ids are gallery rows 0..{int(searcher.size) - 1}",
                              status=404)
         path = searcher.image_path(int(image_id))
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise BadRequest(f"image {image_id} is in the index but its file is gone", status=404)
+        served = gallery_file(path, root)
+        if served is None:
+            raise BadRequest(f"image {image_id} is not a regular file inside the gallery", status=404)
         media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=3600"})
+        cache = "private, max-age=3600" if token is not None else "public, max-age=3600"
+        return FileResponse(served, media_type=media_type, headers={"Cache-Control": cache})
 
     return app
 
@@ -308,21 +467,77 @@ def _check_port(host: str, port: int) -> None:
             raise TBPSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
+def header_timeout_protocol(timeout: float = HEADER_TIMEOUT) -> type:
+    """uvicorn's h11 protocol, plus a deadline for each request head.
+
+    uvicorn closes idle keep-alive connections, but any byte resets that timer, and a connection
+    that has not yet sent a whole request head has no timer at all: a client trickling header bytes
+    holds the connection forever (slowloris). Here every connection, and every keep-alive turn,
+    must deliver a complete request head within ``timeout`` seconds, or it is closed."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            deadline = getattr(self, "_head_deadline", None)
+            if deadline is not None:
+                deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_deadline(self) -> None:
+            previous = getattr(self, "_head_deadline", None)
+            if previous is not None:
+                previous.cancel()
+            self._head_deadline = self.loop.call_later(timeout, self._head_deadline_passed)
+
+        def _head_deadline_passed(self) -> None:
+            self._head_deadline = None
+            waiting_for_head = self.conn.their_state is h11.IDLE and (
+                self.cycle is None or self.cycle.response_complete)
+            if waiting_for_head and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11Protocol
+
+
 def serve(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *,
           checkpoint: str | os.PathLike | None = None, device: str = "auto",
           max_query_chars: int = MAX_QUERY_CHARS, max_k: int = MAX_K, max_batch: int = MAX_BATCH,
-          log_level: str = "info", image_root: str | os.PathLike | None = None) -> None:
-    """Load the index and its model once, then serve the API and page until interrupted."""
+          log_level: str = "info", image_root: str | os.PathLike | None = None,
+          allowed_hosts: list[str] | None = None, token: str | None = None,
+          audit_log: str | os.PathLike | None = None, header_timeout: float = HEADER_TIMEOUT,
+          keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT) -> None:
+    """Load the index and its model once, then serve the API and page until interrupted.
+
+    ``allowed_hosts`` adds ``Host`` names to the loopback ones (and the listening address);
+    ``token`` defaults to the ``TBPS_TOKEN`` environment variable."""
     import uvicorn
 
     from tbps.search import Searcher
 
+    if header_timeout <= 0 or keep_alive_timeout <= 0:
+        raise TBPSError("the header and keep-alive timeouts must be positive")
+    token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+    hosts = list(LOOPBACK_HOSTS) + list(allowed_hosts or [])
+    if host not in ("0.0.0.0", "::", ""):
+        hosts.append(host)
     _check_port(host, port)
     searcher = Searcher(index_dir, checkpoint=checkpoint, device=device, image_root=image_root)
     if searcher.size:
         searcher.search(["a person"], top_k=1)  # warm-up: the first request is not the slow one
-    app = create_app(searcher, max_query_chars=max_query_chars, max_k=max_k, max_batch=max_batch)
+    app = create_app(searcher, max_query_chars=max_query_chars, max_k=max_k, max_batch=max_batch,
+                     allowed_hosts=hosts, token=token, audit_log=audit_log)
     shown = f"[{host}]" if ":" in host else host
+    guard = "token required" if token else "no token"
     print(f"tbps: serving {searcher.size:,} images ({searcher.model_name}) from {index_dir} "
-          f"at http://{shown}:{port}  (Ctrl+C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+          f"at http://{shown}:{port}  ({guard}; Ctrl+C stops)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, http=header_timeout_protocol(header_timeout),
+                timeout_keep_alive=int(max(1, round(keep_alive_timeout))), server_header=False)

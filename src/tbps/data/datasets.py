@@ -2,9 +2,10 @@
 
 CUHK-PEDES, ICFG-PEDES and RSTPReid all ship one JSON list of records, one record per image, with
 ``id``, ``captions``, ``split`` and an image path relative to ``imgs/``. One parser handles all
-three; each dataset only names its annotation file(s) and path field. A record's ``split`` decides
-its split by exact string ("train", "test", anything else is val), as the IRRA reference code
-does. Train person ids are remapped to 0..N-1 for the identity classifier; val/test ids are kept,
+three; each dataset only names its annotation file(s) and path field. A record's ``split`` must be
+exactly "train", "val" or "test" (the IRRA reference code counts any other string, "dev" or "Test",
+as val without a word; here it is an error naming the record). An image listed twice in the test
+split is an error (it would count twice in the metrics); elsewhere a warning with the count. Train person ids are remapped to 0..N-1 for the identity classifier; val/test ids are kept,
 because evaluation only compares them for equality.
 
 Every problem a user can fix (a missing or malformed file, a bad record) is a one-line
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ from tbps.errors import TBPSError
 from tbps.registry import Registry
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 DATASETS: Registry = Registry("dataset")
 
@@ -145,20 +148,41 @@ def parse_records(records: list, annotation_file: Path, image_dir: Path, path_fi
             valid = False
         if not valid:
             raise TBPSError(f"{annotation_file}: record {index}: {_record_problem(rec, path_field)}")
+        if split not in SPLITS:
+            raise TBPSError(f"{annotation_file}: record {index}: unknown split {split!r} (use train, val or test)")
         path = rel_path if os.path.isabs(rel_path) else prefix + rel_path
         entries.append((split, raw_pid, path, captions))
+    _check_duplicate_paths(entries, annotation_file)
 
     train_ids = sorted({raw for split, raw, _, _ in entries if split == "train"})
     remap = {raw: new for new, raw in enumerate(train_ids)}
     splits: dict[str, list[ImageRecord]] = {"train": [], "val": [], "test": []}
     for split, raw_pid, path, captions in entries:
-        key = split if split in ("train", "test") else "val"
+        key = split
         target = splits[key]
         pid = remap[raw_pid] if key == "train" else raw_pid
         target.append(ImageRecord(pid, path, list(captions), len(target), raw_pid))
     if not splits["test"]:
         raise TBPSError(f"{annotation_file}: the test split is empty (no record has \"split\": \"test\")")
     return splits["train"], splits["val"], splits["test"]
+
+
+def _check_duplicate_paths(entries: list[tuple[str, int, str, list[str]]], annotation_file: Path) -> None:
+    """The same image twice in the test split is an error (it counts twice in R@K and mAP); in
+    train or val, a warning with the count (its captions are merely weighted twice)."""
+    first: dict[tuple[str, str], int] = {}
+    repeats: dict[str, int] = {}
+    for index, (split, _, path, _) in enumerate(entries):
+        seen = first.setdefault((split, path), index)
+        if seen == index:
+            continue
+        if split == "test":
+            raise TBPSError(f"{annotation_file}: record {index}: image {path} is already test record {seen}; "
+                            "merge their captions into one record")
+        repeats[split] = repeats.get(split, 0) + 1
+    for split, count in repeats.items():
+        log.warning("%s: %d %s records repeat an image path listed earlier in the split", annotation_file,
+                    count, split)
 
 
 @contextmanager

@@ -173,6 +173,9 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
                                overrides: list[str] | None = None):
     """(model, cfg, tokenizer) ready for inference; pretrained backbone files are not needed.
 
+    The text encoder's frozen-layer cache (``model.text_frozen_cache``, a training device) is off:
+    a server would otherwise keep the features of every distinct query it was ever sent.
+
     ``overrides`` (``key=value``) change the saved config before the model is built: inference-time
     options such as a method's fusion weight, so one checkpoint can be scored several ways.
     """
@@ -186,6 +189,9 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.text_length)
     model = build_model(cfg, int(ckpt["num_classes"]), tokenizer, load_pretrained=False)
     load_model_weights(model, ckpt["model"], source=str(path))
+    for module in model.modules():  # the training-time text cache would keep every distinct query
+        if hasattr(module, "disable_frozen_cache"):
+            module.disable_frozen_cache()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model.to(dev).eval()
     return model, cfg, tokenizer

@@ -258,6 +258,10 @@ def checkpoint_evaluator(checkpoint: str | os.PathLike, dataset: str | None = No
     records = load_dataset(name, root).split(split)
     if not records:
         raise TBPSError(f"{name} ({root}): the {split} split is empty")
+    missing = [r.image_path for r in records if not os.path.isfile(r.image_path)]
+    if missing:
+        raise TBPSError(f"{name} ({root}): {len(missing)} of the {len(records)} {split} images are missing, "
+                        f"e.g. {missing[0]} (tbps data check lists them)")
     eval_cfg = dataclasses.replace(cfg.eval, batch_size=batch_size, i2t=i2t)
     transform = build_image_transform(cfg.data.image_size, train=False)
     workers = min(cfg.data.num_workers, os.cpu_count() or 1) if num_workers is None else num_workers
@@ -269,14 +273,19 @@ def checkpoint_evaluator(checkpoint: str | os.PathLike, dataset: str | None = No
 def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, root: str | os.PathLike | None = None,
                         split: str = "test", device: str | torch.device = "auto", batch_size: int = 128,
                         i2t: bool = False, progress: bool = True,
-                        overrides: list[str] | None = None) -> dict[str, float]:
-    """Evaluate a saved model on a split (by default the dataset it was trained on); the row is
-    also appended to ``metrics.jsonl`` beside the checkpoint so results stay with the weights.
-    ``overrides`` (``key=value``) apply to the saved config first (inference-time options)."""
+                        overrides: list[str] | None = None,
+                        log_to: str | os.PathLike | None = None) -> dict[str, float]:
+    """Evaluate a saved model on a split (by default the dataset it was trained on).
+
+    Nothing is written unless ``log_to`` names a JSON-lines file, to which the row is appended
+    (the checkpoint's folder may be read-only). ``overrides`` (``key=value``) apply to the saved
+    config first (inference-time options)."""
     evaluator, name, root = checkpoint_evaluator(checkpoint, dataset, root, split, device, batch_size, i2t,
                                                  progress, overrides)
     metrics = evaluator.evaluate()
-    row = {"event": "eval", "split": split, "dataset": name, "root": str(root), "checkpoint": str(checkpoint),
-           "overrides": list(overrides or []), **metrics, "time": datetime.datetime.now().isoformat(timespec="seconds")}
-    append_metrics_jsonl(Path(checkpoint).parent / "metrics.jsonl", row)
+    if log_to is not None:
+        row = {"event": "eval", "split": split, "dataset": name, "root": str(root), "checkpoint": str(checkpoint),
+               "overrides": list(overrides or []), **metrics,
+               "time": datetime.datetime.now().isoformat(timespec="seconds")}
+        append_metrics_jsonl(log_to, row)
     return metrics

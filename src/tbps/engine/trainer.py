@@ -27,6 +27,7 @@ from tbps.engine import distributed as D
 from tbps.engine.checkpoint import (capture_rng_state, fine_tuning_tokenizer, load_model_weights, read_checkpoint,
                                     restore_rng_state, save_checkpoint, unwrap)
 from tbps.engine.optim import build_optimizer, build_scheduler
+from tbps.io import remove_stale_temp_files, write_text_atomic
 
 log = logging.getLogger("tbps.train")
 
@@ -62,8 +63,39 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
+RUN_FILES = ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "train_summary.json")
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
+    """Refuse to start a fresh run over an old one (its log would be appended to and its ``best.pt``
+    replaced), unless ``overwrite``; remove temporary files that a killed run left behind.
+
+    Every rank checks (so all of them stop together); only the ``main`` one deletes."""
+    if out.exists() and not out.is_dir():
+        raise TBPSError(f"{out}: the output folder is a file")
+    if not out.is_dir():
+        return
+    if main:
+        remove_stale_temp_files(out)
+    if resume:
+        return
+    old = [name for name in RUN_FILES if (out / name).exists()]
+    if old and not overwrite:
+        raise TBPSError(f"{out} already holds a run ({', '.join(old)}): continue it with --resume, choose "
+                        "another --output-dir, or pass --overwrite to replace it")
+    if not main:
+        return
+    for name in old:
+        (out / name).unlink()
+    if overwrite and (out / "tensorboard").is_dir():
+        import shutil
+
+        shutil.rmtree(out / "tensorboard")
+
+
 class Trainer:
-    def __init__(self, cfg: Config, output_dir: str | Path | None = None, resume: bool = False) -> None:
+    def __init__(self, cfg: Config, output_dir: str | Path | None = None, resume: bool = False,
+                 overwrite: bool = False) -> None:
         from tbps.data.datasets import check_images, load_dataset
         from tbps.data.loader import build_train_loader
         from tbps.data.tokenizers import build_tokenizer
@@ -75,6 +107,7 @@ class Trainer:
         self.device = self.dist.device
         last = self.out / "last.pt"
         ckpt = None
+        prepare_output_dir(self.out, resume, overwrite, main=self.dist.is_main)
         if resume:
             if not last.is_file():
                 raise TBPSError(f"{last}: nothing to resume from (no last.pt in the output folder)")
@@ -168,11 +201,61 @@ class Trainer:
         st = ckpt["train_state"]
         self.state = TrainState(epoch=st["epoch"], step=st["step"], batch_in_epoch=st["batch_in_epoch"],
                                 best_metric=st["best_metric"], best_epoch=st["best_epoch"])
+        if self.state.batch_in_epoch >= self.steps_per_epoch:  # stopped at an epoch's last batch (old runs)
+            self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+        if self.dist.is_main:
+            self._check_best()
+            self._drop_rows_after(self.state.step)
         rng = ckpt.get("rng_per_rank", {}).get(str(self.dist.rank))
         if rng is not None:
             restore_rng_state(rng)
         if self.dist.is_main:
             log.info("resumed from %s at epoch %d, step %d", self.out / "last.pt", self.state.epoch, self.state.step)
+
+    def _check_best(self) -> None:
+        """``last.pt`` may claim a best score only if ``best.pt`` holds it; otherwise forget the claim,
+        so that the next evaluation writes ``best.pt`` again (a kill or a full disk between the two)."""
+        st = self.state
+        if st.best_metric < 0 or self.eval_split_is_none():
+            return
+        best = self.out / "best.pt"
+        reason = None
+        if not best.is_file():
+            reason = "is missing"
+        else:
+            try:
+                saved = read_checkpoint(best)
+                matches = (float(saved.get("best_metric", -2)) == st.best_metric
+                           and int(saved.get("epoch", -2)) == st.best_epoch)
+                ahead = int(saved.get("step", -1)) > st.step  # written just before a kill: redone below
+                if not (matches or ahead):
+                    reason = (f"holds R1 {saved.get('best_metric')} of epoch {saved.get('epoch')}, not "
+                              f"R1 {st.best_metric} of epoch {st.best_epoch}")
+            except TBPSError as exc:  # truncated or foreign file
+                reason = f"is unreadable ({exc})"
+        if reason is not None:
+            log.warning("%s %s although last.pt records it: the next evaluation writes it again", best, reason)
+            st.best_metric, st.best_epoch = -1.0, -1
+
+    def eval_split_is_none(self) -> bool:
+        return self.cfg.train.eval_split == "none"
+
+    def _drop_rows_after(self, step: int) -> None:
+        """Remove ``metrics.jsonl`` rows of steps after the resumed one: they are redone, once each."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int) or row["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if len(kept) != len(lines):
+            write_text_atomic(path, "".join(kept))
 
     # ------------------------------------------------------------------ checkpoints and logs
     def _save(self, name: str) -> None:
@@ -289,7 +372,7 @@ class Trainer:
                     stopped_early = True
                     break
             bar.close()
-            if not stopped_early:
+            if st.batch_in_epoch >= self.steps_per_epoch:  # also when the step budget ends on the last batch
                 st.epoch += 1
                 st.batch_in_epoch = 0
             if self.dist.is_main:
@@ -307,10 +390,11 @@ class Trainer:
             improved = metrics is not None and metrics["R1"] > st.best_metric
             if improved:
                 st.best_metric, st.best_epoch = float(metrics["R1"]), st.epoch
-            self._save("last.pt")
+            # best.pt first: last.pt must never record a best score that no file holds
             if self.dist.is_main and (improved or self.eval_records is None):
                 save_checkpoint(self.out / "best.pt", model=self.model, cfg=cfg, num_classes=self.num_classes,
                                 best_metric=st.best_metric, epoch=st.epoch, step=st.step)
+            self._save("last.pt")
         if self.writer is not None:
             self.writer.close()
         D.barrier(self.dist)
@@ -319,13 +403,16 @@ class Trainer:
                    "param_checksum": float(sum(p.detach().double().sum() for p in self.model.parameters())),
                    "rank": self.dist.rank, "world_size": self.dist.world_size}
         if self.dist.is_main:
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            write_text_atomic(self.out / "train_summary.json", json.dumps(summary, indent=2))
         return summary
 
 
-def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` into ``output_dir``; with ``resume`` continue exactly from its ``last.pt``."""
-    trainer = Trainer(cfg, output_dir=output_dir, resume=resume)
+def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = False,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` into ``output_dir``; with ``resume`` continue exactly from its ``last.pt``.
+
+    A fresh run refuses a folder that holds another run unless ``overwrite`` (which deletes it)."""
+    trainer = Trainer(cfg, output_dir=output_dir, resume=resume, overwrite=overwrite)
     try:
         return trainer.fit()
     finally:

@@ -865,6 +865,7 @@ class HFTextEncoder(nn.Module):
             raise TBPSError("model.text_frozen_cache needs model.text_frozen_layers > 0")
         self.frozen_layers = int(num_layers)
         self.cache_limit_bytes = int(limit_bytes)
+        self.store_frozen = True
         self._cache: dict[bytes, Tensor] = {}
         self._cache_bytes = 0
         self.register_load_state_dict_pre_hook(lambda *args, **kwargs: self.clear_frozen_cache())
@@ -872,6 +873,14 @@ class HFTextEncoder(nn.Module):
 
     def clear_frozen_cache(self) -> None:
         self._cache, self._cache_bytes = {}, 0
+
+    def disable_frozen_cache(self) -> None:
+        """Store nothing from now on. For inference (``serve``, ``search``, ``index``, ``eval``): the
+        cache is a training device, and there every distinct query would stay in memory. The split
+        forward pass stays (frozen layers batched, padding columns cut: about twice as fast per
+        query as the plain padded pass)."""
+        self.store_frozen = False
+        self.clear_frozen_cache()
 
     def train(self, mode: bool = True) -> "HFTextEncoder":
         super().train(mode)
@@ -887,39 +896,61 @@ class HFTextEncoder(nn.Module):
         return create_bidirectional_mask(config=self.backbone.config, inputs_embeds=hidden,
                                          attention_mask=mask.long())
 
+    FROZEN_CHUNK = 16  # captions per frozen-layer pass when filling the cache (a fixed shape)
+
+    def _frozen_layers(self, token_ids: Tensor, mask: Tensor) -> Tensor:
+        """Embeddings + the frozen layers, without gradients."""
+        with torch.no_grad():
+            hidden = self.backbone.embeddings(input_ids=token_ids)
+            attn = self._bidirectional_mask(hidden, mask)
+            for layer in self.backbone.encoder.layer[:self.frozen_layers]:
+                hidden = layer(hidden, attn)
+        return hidden
+
     def _frozen_hidden(self, token_ids: Tensor, mask: Tensor) -> Tensor:
-        """(B, L, H) output of the frozen layers, from the cache where possible."""
+        """(B, L, H) output of the frozen layers, from the cache where possible.
+
+        Captions missing from the cache are computed in passes of exactly ``FROZEN_CHUNK`` rows at
+        the full context length (short passes filled with padding rows). A caption's features then
+        never depend on the batch that first held it (their rounding changes with the padded
+        length), so a resumed run, whose cache starts empty, computes exactly what the
+        uninterrupted run had cached: the resume stays bit-exact.
+        """
         lengths = mask.sum(dim=1).tolist()
         keys = [token_ids[i, :n].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
         missing = sorted({i for i, key in enumerate(keys) if key not in self._cache})
         computed: dict[int, Tensor] = {}
-        if missing:
-            rows = torch.tensor(missing, device=token_ids.device)
-            ids, sub_mask = token_ids[rows], mask[rows]
-            with torch.no_grad():
-                hidden = self.backbone.embeddings(input_ids=ids)
-                attn = self._bidirectional_mask(hidden, sub_mask)
-                for layer in self.backbone.encoder.layer[:self.frozen_layers]:
-                    hidden = layer(hidden, attn)
-            for j, i in enumerate(missing):
+        chunk = self.FROZEN_CHUNK
+        for start in range(0, len(missing), chunk):
+            rows = missing[start:start + chunk]
+            index = torch.tensor(rows, device=token_ids.device)
+            ids = token_ids.new_full((chunk, token_ids.shape[1]), self.pad_id)
+            sub_mask = torch.zeros_like(ids, dtype=torch.bool)
+            ids[:len(rows)], sub_mask[:len(rows)] = token_ids[index], mask[index]
+            sub_mask[len(rows):, 0] = True  # filler rows attend to one position (no empty softmax)
+            hidden = self._frozen_layers(ids, sub_mask)
+            for j, i in enumerate(rows):
                 row = hidden[j, :lengths[i]].float().cpu()
                 computed[i] = row
                 size = row.numel() * 4
                 if self._cache_bytes + size <= self.cache_limit_bytes and keys[i] not in self._cache:
                     self._cache[keys[i]] = row
                     self._cache_bytes += size
-        width = self.hidden_size
-        out = torch.zeros(token_ids.shape[0], token_ids.shape[1], width)
+        out = torch.zeros(token_ids.shape[0], token_ids.shape[1], self.hidden_size)
         for i, key in enumerate(keys):
             out[i, :lengths[i]] = computed[i] if i in computed else self._cache[key]
         return out.to(token_ids.device)
 
     def _forward_cached(self, token_ids: Tensor, mask: Tensor) -> Tensor:
-        """Last hidden state via the cached frozen layers; padding columns no caption uses are cut."""
+        """Last hidden state via the cached frozen layers; padding columns no caption uses are cut
+        for the layers above them (and, at inference, where nothing is stored, for all layers)."""
         full_length = token_ids.shape[1]
         keep = max(int(mask.sum(dim=1).max()), 1)
+        if getattr(self, "store_frozen", True):
+            hidden = self._frozen_hidden(token_ids, mask)[:, :keep]
+        else:  # inference: nothing kept, so one batched pass
+            hidden = self._frozen_layers(token_ids[:, :keep], mask[:, :keep]).float()
         token_ids, mask = token_ids[:, :keep], mask[:, :keep]
-        hidden = self._frozen_hidden(token_ids, mask)
         dtype = next(self.backbone.encoder.layer[self.frozen_layers:].parameters(), hidden).dtype
         hidden = hidden.to(dtype)
         attn = self._bidirectional_mask(hidden, mask)
