@@ -390,3 +390,16 @@ def test_resnet50_detectors_load_a_weight_file(tmp_path, arch):
     _save_random(arch, tmp_path / "w.pth", num_classes=3)
     detector = detect.build_detector(arch, str(tmp_path / "w.pth"), min_score=0.0)
     assert detector.num_classes == 3
+
+
+def test_track_affinity_against_direct_computation():
+    from tbps.footage.ingest import track_affinity
+
+    person = [100, 50, 140, 250]  # 200 pixels tall
+    assert track_affinity(person, person) == 1.0
+    # 60 px sideways = 0.3 heights: no overlap left for IoU, but half the 0.6-height gate
+    assert box_iou(person, [160, 50, 200, 250]) == 0.0
+    assert track_affinity(person, [160, 50, 200, 250]) == pytest.approx(1 - 0.3 / 0.6)
+    assert track_affinity(person, [230, 50, 270, 250]) == 0.0  # 0.65 heights away
+    assert track_affinity(person, [100, 80, 140, 280]) == pytest.approx(1 - 0.15 / 0.25)
+    assert track_affinity(person, [100, 50, 140, 120]) == 0.0  # a third of the height: someone else

@@ -211,6 +211,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tbps.demo import run_demo
 
+    if args.scenes:
+        from tbps.footage.demo import run_footage_demo
+
+        run_footage_demo(out=args.out, device=args.device, checkpoint=args.checkpoint)
+        return 0
     run_demo(out=args.out, quick=args.quick, device=args.device)
     return 0
 
@@ -433,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller dataset and budget (about 3 minutes)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--scenes", action="store_true",
+                   help="camera footage: the quick demo's model, then synthetic videos of unseen people, HOG "
+                        "person detection, an index of the crops with camera/time/box (OUT/footage_index) and "
+                        "searches of it")
+    p.add_argument("--checkpoint", default=None, help="with --scenes: use this model instead of training one")
     p.set_defaults(func=_cmd_demo)
     return parser
 

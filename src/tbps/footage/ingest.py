@@ -15,7 +15,7 @@ folder (default ``--frame-rate``); a video's own timestamps are used.
 Frames are sampled at ``sample_fps``, the detector finds people, and each crop is written under
 the index folder (``crops/``); for videos the sampled frame that holds people is kept too
 (``frames/``), so the page can show a hit in its frame. Crops of one source that overlap in
-consecutive samples are linked into tracks (greedy IoU), so search can return one hit per track.
+consecutive samples are linked into tracks (greedy, by centre distance), so search can return one hit per track.
 
 Progress is one line per finished source in ``footage/sources.jsonl`` (its crops included), so a
 killed run redoes only the source it was in, and new footage appends. An unreadable video or frame
@@ -38,7 +38,6 @@ from PIL import Image
 from tbps.data.images import IMAGE_EXTENSIONS, load_image
 from tbps.errors import TBPSError
 from tbps.footage.detect import Detector, FrameRef, clip_box
-from tbps.footage.evaluate import box_iou
 from tbps.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ log = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
 MANIFEST_NAME = "footage.json"
 PROGRESS = "footage/sources.jsonl"
-TRACK_IOU = 0.3
 
 
 @dataclass
@@ -244,16 +242,35 @@ def _append_progress(root: Path, record: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
+def track_affinity(a: list[float], b: list[float]) -> float:
+    """How likely two boxes of consecutive samples are one person, 0 (no) to 1 (same box).
+
+    Boxes of walking people are tall and narrow, so a step sideways can leave no overlap at all;
+    instead of IoU the distance between centres is measured in person heights: 0 at the same place,
+    0 beyond 0.6 heights sideways or 0.25 heights up or down, or when the heights differ by more
+    than a third.
+    """
+    ha, hb = a[3] - a[1], b[3] - b[1]
+    if min(ha, hb) <= 0 or max(ha, hb) / min(ha, hb) > 4 / 3:
+        return 0.0
+    h = (ha + hb) / 2
+    dx = abs((a[0] + a[2]) - (b[0] + b[2])) / 2 / h
+    dy = abs((a[1] + a[3]) - (b[1] + b[3])) / 2 / h
+    if dx > 0.6 or dy > 0.25:
+        return 0.0
+    return 1.0 - max(dx / 0.6, dy / 0.25)
+
+
 def _link_tracks(previous: list[tuple[list[float], str]], boxes: list[list[float]], prefix: str,
                  counter: list[int]) -> list[str]:
-    """Track ids for ``boxes``: the best-overlapping box of the previous sample (IoU >= 0.3, each used
-    once, best pairs first), else a new track."""
-    pairs = sorted(((box_iou(b, p), i, j) for i, b in enumerate(boxes) for j, (p, _) in enumerate(previous)),
+    """Track ids for ``boxes``: the previous sample's box of highest :func:`track_affinity` (each
+    used once, best pairs first), else a new track."""
+    pairs = sorted(((track_affinity(b, p), i, j) for i, b in enumerate(boxes) for j, (p, _) in enumerate(previous)),
                    reverse=True)
     ids: list[str | None] = [None] * len(boxes)
     taken: set[int] = set()
-    for iou, i, j in pairs:
-        if iou < TRACK_IOU:
+    for affinity, i, j in pairs:
+        if affinity <= 0.0:
             break
         if ids[i] is None and j not in taken:
             ids[i] = previous[j][1]
