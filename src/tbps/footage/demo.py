@@ -2,7 +2,8 @@
 
 The quick demo (``tbps.demo.run_demo``) trains the model on SynthPEDES crops; then the footage path
 runs on people that model never saw: ``tbps synth --scenes`` renders three cameras of the test
-identities as MP4 videos, OpenCV's HOG detector finds the people in frames sampled from the videos,
+identities as MP4 videos, a HOG person detector trained on other synthetic scenes (other people,
+other backgrounds; ``tbps train-detector``) finds the people in frames sampled from the videos,
 the crops are indexed with camera, time and box (``OUT/footage_index``), and captions of people in
 the footage are searched, reporting whether a crop of the described person comes first.
 """
@@ -23,7 +24,7 @@ def run_footage_demo(out: str | Path = "runs/demo-scenes", device: str = "auto",
                      checkpoint: str | Path | None = None) -> dict[str, Any]:
     """Train (unless ``checkpoint`` is given), render footage, detect, index, search; returns metrics."""
     from tbps.demo import DEMO_SIZES, run_demo
-    from tbps.footage.detect import HOGDetector
+    from tbps.footage.hog_train import load_trained_hog, train_hog_detector
     from tbps.footage.evaluate import crop_identities, footage_recall
     from tbps.footage.ingest import build_footage_index
     from tbps.footage.scenes import generate_scenes, load_annotations
@@ -44,11 +45,17 @@ def run_footage_demo(out: str | Path = "runs/demo-scenes", device: str = "auto",
                            fps=SCENES["fps"], progress=False)
     print(f"rendered {made['frames']} frames ({made['boxes']} people, {made['identities']} identities) and "
           f"{made['cameras']} videos: {scenes / 'videos'}")
+    print("training the HOG person detector on other synthetic scenes (seed 1: other people and places)")
+    training = out / "detector_scenes"
+    generate_scenes(training, num_ids=500, seed=1, cameras=3, frames_per_camera=20, videos=False, progress=False)
+    detector_file = out / "detector_hog.npz"
+    train_hog_detector([training], detector_file)
     index_dir = out / "footage_index"
     if index_dir.exists():
         shutil.rmtree(index_dir)  # an earlier run's index: maybe another model
-    print(f"detecting people (OpenCV HOG) in the videos at {SAMPLE_FPS:g} frames/s and indexing the crops")
-    summary = build_footage_index(checkpoint, scenes / "videos", index_dir, HOGDetector(), sample_fps=SAMPLE_FPS,
+    print(f"detecting people (trained HOG) in the videos at {SAMPLE_FPS:g} frames/s and indexing the crops")
+    summary = build_footage_index(checkpoint, scenes / "videos", index_dir, load_trained_hog(detector_file),
+                                  sample_fps=SAMPLE_FPS,
                                   progress=False, device=device)
     print(f"{summary['frames']} frames sampled, {summary['total']} person crops indexed in {index_dir}")
 

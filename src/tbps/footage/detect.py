@@ -33,7 +33,8 @@ TORCHVISION_DETECTORS = {
 }
 COCO_CLASSES = 91
 COCO_PERSON = 1
-DETECTOR_HELP = ("hog (OpenCV's people detector, offline), boxes:ANNOTATIONS.json (the ground-truth boxes of "
+DETECTOR_HELP = ("hog (OpenCV's people detector, offline), hog:FILE.npz (a HOG detector trained on synthetic "
+                 "scenes by tbps train-detector), boxes:ANNOTATIONS.json (the ground-truth boxes of "
                  "tbps synth --scenes), or a torchvision model: " + ", ".join(TORCHVISION_DETECTORS)
                  + " (weights: --detector-weights FILE, else torchvision's cache folder; never downloaded)")
 
@@ -225,8 +226,12 @@ def build_detector(spec: str, weights: str | None = None, min_score: float | Non
     """``hog`` | ``boxes:FILE`` | a torchvision builder name (see :data:`DETECTOR_HELP`)."""
     if spec == "hog":
         return HOGDetector(min_score=0.0 if min_score is None else min_score)
+    if spec.startswith("hog:"):
+        from tbps.footage.hog_train import load_trained_hog
+
+        return load_trained_hog(spec[len("hog:"):], min_score=0.0 if min_score is None else min_score)
     if spec.startswith("boxes:"):
         return BoxesDetector(spec[len("boxes:"):])
     if spec in TORCHVISION_DETECTORS:
         return TorchvisionDetector(spec, weights, min_score=0.5 if min_score is None else min_score, device=device)
-    raise TBPSError(f"detector {spec!r}: {DETECTOR_HELP}")
+    raise TBPSError(f"detector {spec!r}: choose {DETECTOR_HELP}")
