@@ -435,3 +435,15 @@ def test_synth_scenes_command(tmp_path, capsys):
     assert not (tmp_path / "videos").exists() and len(load_annotations(tmp_path)["frames"]) == 4
     assert main(["synth", "--scenes", "--out", str(tmp_path), "--scene-width", "255"]) == 1
     assert "even sizes" in capsys.readouterr().err
+
+
+def test_one_writer_per_footage_index(tmp_path, footage):
+    from tbps.footage.detect import BoxesDetector
+    from tbps.footage.ingest import build_footage_index
+    from tbps.search.index import _writer_lock
+
+    _, scenes, root = footage
+    with _writer_lock(tmp_path / "index"):
+        with pytest.raises(TBPSError, match="another tbps index is writing to this index"):
+            build_footage_index(root / "model.pt", scenes / "frames", tmp_path / "index",
+                                BoxesDetector(scenes / "annotations.json"), progress=False, device="cpu")
