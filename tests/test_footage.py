@@ -447,3 +447,15 @@ def test_one_writer_per_footage_index(tmp_path, footage):
         with pytest.raises(TBPSError, match="another tbps index is writing to this index"):
             build_footage_index(root / "model.pt", scenes / "frames", tmp_path / "index",
                                 BoxesDetector(scenes / "annotations.json"), progress=False, device="cpu")
+
+
+def test_unreadable_frames_are_skipped_and_counted(tmp_path, footage, capsys):
+    _, scenes, root = footage
+    folder = tmp_path / "footage" / "cam01"
+    shutil.copytree(scenes / "frames" / "cam01", folder)
+    (folder / "000002.jpg").write_bytes(b"\xff\xd8 truncated")
+    assert main(["index", "--checkpoint", str(root / "model.pt"), "--footage", str(tmp_path / "footage"), "--out",
+                 str(tmp_path / "index"), "--detector", f"boxes:{scenes / 'annotations.json'}", "--device", "cpu",
+                 "--workers", "0", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "5 sampled frames" in out and "1 unreadable frame(s)" in out
