@@ -253,13 +253,10 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
-def _write_shard(root: Path, name: str, paths: list[str], features: dict[str, np.ndarray],
-                 metadata: list[dict[str, Any]] | None = None) -> None:
+def _write_shard(root: Path, name: str, paths: list[str], features: dict[str, np.ndarray]) -> None:
     """Every file of one shard, each atomically; the manifest is updated only after this returns."""
     for key, array in features.items():
         _save_npy_atomic(root / SHARDS / f"{name}.{key}.npy", array)
-    if metadata is not None:  # footage: camera, time, box, frame, track of each row
-        _write_json_atomic(root / SHARDS / f"{name}.meta.json", metadata)
     _write_json_atomic(root / SHARDS / f"{name}.paths.json", paths)
 
 
@@ -411,8 +408,9 @@ def _build_locked(checkpoint: str | os.PathLike, listed: list[str], image_root: 
         if manifest["features"] and manifest["features"] != shapes:
             raise TBPSError(f"{root}: the model returned features {shapes}, the index holds {manifest['features']}")
         name = f"shard-{len(manifest['shards']):06d}"
-        _write_shard(root, name, [relative_to_root(p, manifest["image_root"]) for p in kept], features,
-                     [metadata[p] for p in kept] if metadata is not None else None)
+        if metadata is not None:  # footage: camera, time, box, frame, track of each row
+            _write_json_atomic(root / SHARDS / f"{name}.meta.json", [metadata[p] for p in kept])
+        _write_shard(root, name, [relative_to_root(p, manifest["image_root"]) for p in kept], features)
         manifest["features"] = shapes
         manifest["shards"].append({"name": name, "rows": len(kept)})
         manifest["size"] = int(manifest["size"]) + len(kept)
