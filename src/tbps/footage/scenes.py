@@ -173,7 +173,7 @@ def generate_scenes(out: str | Path, num_ids: int = 500, cameras: int = 3, frame
     """Write ``frames/<camera>/NNNNNN.jpg``, ``videos/<camera>.mp4`` (when ``videos``), a
     ``footage.json`` manifest in each (camera, start time, frame rate) and ``annotations.json``.
 
-    Returns ``{"cameras", "frames", "people", "boxes", "identities"}``.
+    Returns ``{"cameras", "frames", "identities", "boxes"}``.
     """
     if cameras < 1 or frames_per_camera < 1 or people_per_frame < 1:
         raise TBPSError("--cameras, --frames and --people-per-frame must be at least 1")
