@@ -459,3 +459,16 @@ def test_unreadable_frames_are_skipped_and_counted(tmp_path, footage, capsys):
                  "--workers", "0", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "5 sampled frames" in out and "1 unreadable frame(s)" in out
+
+
+@pytest.mark.slow
+def test_demo_scenes_with_a_given_checkpoint(tmp_path, footage, capsys):
+    """`tbps demo --scenes --checkpoint`: footage, detector, index under --out, searches, metrics."""
+    _, _, root = footage
+    assert main(["demo", "--scenes", "--checkpoint", str(root / "model.pt"), "--out", str(tmp_path / "demo"),
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "text -> person in footage" in out and "R@10" in out
+    metrics = json.loads((tmp_path / "demo" / "footage_metrics.json").read_text())
+    assert set(metrics) == {"plain", "grouped"} and metrics["plain"]["queries"] > 0
+    assert (tmp_path / "demo" / "footage_index" / "manifest.json").is_file()
