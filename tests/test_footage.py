@@ -472,3 +472,11 @@ def test_demo_scenes_with_a_given_checkpoint(tmp_path, footage, capsys):
     metrics = json.loads((tmp_path / "demo" / "footage_metrics.json").read_text())
     assert set(metrics) == {"plain", "grouped"} and metrics["plain"]["queries"] > 0
     assert (tmp_path / "demo" / "footage_index" / "manifest.json").is_file()
+
+
+def test_index_inside_the_footage_folder_is_refused(footage, capsys):
+    _, scenes, root = footage
+    assert main(["index", "--checkpoint", str(root / "model.pt"), "--footage", str(scenes / "frames"), "--out",
+                 str(scenes / "frames" / "index"), "--device", "cpu", "--quiet"]) == 1
+    assert "is inside the footage folder" in capsys.readouterr().err
+    assert not (scenes / "frames" / "index").exists()

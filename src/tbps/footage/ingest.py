@@ -386,6 +386,9 @@ def build_footage_index(checkpoint: str | os.PathLike, footage: str | os.PathLik
         raise TBPSError(f"{root}: folder is not empty and holds no tbps index (choose a new --out)")
     if not Path(checkpoint).is_file():
         raise TBPSError(f"{checkpoint}: checkpoint not found")
+    if Path(footage).is_dir() and root.resolve().is_relative_to(Path(footage).resolve()):
+        raise TBPSError(f"{root}: the index folder is inside the footage folder {footage} (its crops would be "
+                        "read as footage next time); choose an --out outside it")
     find_sources(footage, manifest, frame_rate)  # bad footage or manifest: fail before creating anything
     with gallery._writer_lock(root):
         counts = ingest_footage(footage, root, detector, sample_fps=sample_fps, manifest=manifest,
