@@ -32,9 +32,32 @@ def _end_positions(ids: torch.Tensor, eot: int) -> list[int]:
 
 
 def test_clip_special_ids(clip16):
-    assert (clip16.sot_id, clip16.eot_id, clip16.mask_id, clip16.pad_id) == (49406, 49407, 49408, 0)
-    assert clip16.vocab_size == 49409
-    assert {49406, 49407, 49408, 0} <= set(clip16.special_ids)
+    """IRRA's layout (utils/simple_tokenizer.py): <|mask|> is 49405 inside a 49,408-id vocabulary."""
+    assert (clip16.sot_id, clip16.eot_id, clip16.mask_id, clip16.pad_id) == (49406, 49407, 49405, 0)
+    assert clip16.vocab_size == 49408
+    assert {49406, 49407, 49405, 0} <= set(clip16.special_ids)
+
+
+def test_clip_word_of_the_mask_id_is_written_as_its_two_halves(clip16):
+    """open_clip encodes "jekyll" as 49405; that id is the mask now, so the word is split into the
+    halves of CLIP's last BPE merge (what BPE gives without that merge), never the mask id."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    reference = SimpleTokenizer()
+    assert reference.encode("jekyll") == [49405]
+    ids = clip16(["mr jekyll walks"])[0].tolist()
+    halves = [reference.encoder["jeky"], reference.encoder["ll</w>"]]
+    body = ids[1:ids.index(clip16.eot_id)]
+    assert body == reference.encode("mr") + halves + reference.encode("walks")
+    assert clip16.mask_id not in ids
+    assert clip16.decode(ids) == "mr jekyll walks"
+
+
+def test_clip_legacy_layout_appends_the_mask():
+    legacy = build_tokenizer("clip-legacy", 16)
+    assert (legacy.mask_id, legacy.vocab_size, legacy.name) == (49408, 49409, "clip-legacy")
+    assert pickle.loads(pickle.dumps(legacy)).mask_id == 49408
+    assert torch.equal(legacy(CAPTIONS), build_tokenizer("clip", 16)(CAPTIONS))
 
 
 def test_clip_framing_and_padding(clip16):

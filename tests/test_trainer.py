@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from tbps.config import load_config
 from tbps.data.synth import generate_synthpedes
 from tbps.engine.checkpoint import read_checkpoint
 from tbps.engine.trainer import train
 from tbps.errors import TBPSError
+from tbps.io import torch_save_atomic
 
 TINY = [
     "data.dataset=synth", "data.image_size=[64, 32]", "data.text_length=24", "data.tokenizer=clip",
@@ -91,6 +93,59 @@ def test_fine_tuning_skips_a_classifier_of_another_size(tiny_synth_root, tmp_pat
     a = read_checkpoint(first / "last.pt")
     b = read_checkpoint(out / "last.pt")
     assert a["num_classes"] != b["num_classes"]
+
+
+def _old_run(root: Path, out: Path, *extra: str) -> None:
+    """A run as tbps wrote it before ``<|mask|>`` took id 49405: trained with the 49,409-id CLIP
+    layout (``clip-legacy`` today), its config.yaml and checkpoints saying ``tokenizer: clip``."""
+    train(tiny_cfg(root, out, "data.tokenizer=clip-legacy", *extra))
+    for path in out.glob("*.pt"):
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["model"]["text_encoder.backbone.token_embedding.weight"].shape[0] == 49409
+        ckpt["config"]["data"]["tokenizer"] = "clip"
+        torch_save_atomic(ckpt, path)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["data"]["tokenizer"] = "clip"
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def test_an_old_run_resumes_exactly_with_its_old_tokenizer(tiny_synth_root, tmp_path):
+    """IRR draws its mask id and random ids from the tokenizer: only the old layout continues the run."""
+    reference = tmp_path / "reference"
+    train(tiny_cfg(tiny_synth_root, reference, "data.tokenizer=clip-legacy", "train.max_steps=4",
+                   "train.eval_split=none"))
+    old = tmp_path / "old"
+    _old_run(tiny_synth_root, old, "train.max_steps=2", "train.eval_split=none")
+    # tbps train --config OLD/config.yaml --output-dir OLD --resume --max-steps 4
+    train(load_config(old / "config.yaml", ["train.max_steps=4"]), output_dir=old, resume=True)
+    assert train_rows(old) == train_rows(reference)  # bit-exact, steps 1-4
+    final_a = read_checkpoint(reference / "last.pt")
+    final_b = read_checkpoint(old / "last.pt")
+    assert final_b["config"]["data"]["tokenizer"] == "clip-legacy"
+    for key, value in final_a["model"].items():
+        assert torch.equal(value, final_b["model"][key]), key
+
+
+def test_fine_tuning_from_an_old_checkpoint_keeps_its_tokenizer(tiny_synth_root, tmp_path):
+    """``train.init_checkpoint`` of an old run with a recipe saying ``tokenizer: clip``."""
+    from tbps.engine.trainer import Trainer
+
+    old = tmp_path / "old"
+    _old_run(tiny_synth_root, old, "train.max_steps=1", "train.eval_split=none")
+    cfg = tiny_cfg(tiny_synth_root, tmp_path / "ft", "train.eval_split=none",
+                   f"train.init_checkpoint={old / 'last.pt'}")
+    trainer = Trainer(cfg)
+    assert (trainer.tokenizer.name, trainer.tokenizer.mask_id) == ("clip-legacy", 49408)
+    assert trainer.cfg.data.tokenizer == "clip-legacy" and cfg.data.tokenizer == "clip"
+    own = trainer.model.state_dict()
+    for key, value in read_checkpoint(old / "last.pt")["model"].items():
+        assert torch.equal(own[key], value), key
+    # a new checkpoint keeps the recipe's tokenizer
+    new = tmp_path / "new"
+    train(tiny_cfg(tiny_synth_root, new, "train.max_steps=1", "train.eval_split=none"))
+    cfg = tiny_cfg(tiny_synth_root, tmp_path / "ft2", "train.eval_split=none",
+                   f"train.init_checkpoint={new / 'last.pt'}")
+    assert Trainer(cfg).tokenizer.name == "clip"
 
 
 def _free_port() -> int:

@@ -85,6 +85,23 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from tbps.importers import import_checkpoint
+
+    summary = import_checkpoint(args.source, args.file, args.out, config=args.config, vocab=args.vocab,
+                                arch=args.arch, image_size=tuple(args.image_size) if args.image_size else None)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "dropped"} | {"dropped": len(summary["dropped"])}))
+        return 0
+    height, width = summary["image_size"]
+    print(f"wrote {summary['out']}: method {summary['method']}, {summary['arch']} at {height}x{width}, "
+          f"text length {summary['text_length']}, {summary['num_classes']} identities, "
+          f"{summary['parameters']:,} parameters")
+    if summary["dropped"]:
+        print(f"dropped {len(summary['dropped'])} weights of heads tbps's {summary['method']} has no place for")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from tbps.config import load_config
     from tbps.engine.trainer import train
@@ -462,6 +479,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "searches of it")
     p.add_argument("--checkpoint", default=None, help="with --scenes: use this model instead of training one")
     p.set_defaults(func=_cmd_demo)
+
+    # import
+    p = sub.add_parser("import", formatter_class=raw_fmt, help="turn a published checkpoint into a tbps checkpoint",
+                       description="Write a tbps checkpoint from another project's model, for eval, index,\n"
+                       "search, serve and visualize. The file is read without running code from it\n"
+                       "(weights-only unpickling; a file that needs any other Python object is refused).\n"
+                       "The architecture, image size and text length come from the tensors' shapes and\n"
+                       "from --config when given; keys that do not fit are refused, naming them.\n"
+                       "  irra      an IRRA-family best.pth (IRRA, and methods built on its code) -> irra\n"
+                       "  textreid  a TextReID best.pth (RN50/RN101 + BiGRU) -> textreid; needs --vocab\n"
+                       "  clip      CLIP weights (OpenAI .pt, open_clip file, Hugging Face folder) -> clip,\n"
+                       "            zero-shot retrieval with CLIP's own towers and tokenizer",
+                       epilog="examples:\n"
+                       "  tbps import --from irra iira/best.pth --config iira/configs.yaml --out models/irra_cuhk.pt\n"
+                       "  tbps import --from textreid best.pth --vocab cuhkpedes/clip_vocab_vit.npy \\\n"
+                       "      --out models/textreid.pt\n"
+                       "  tbps import --from clip ViT-B-16.pt --out models/clip_zeroshot.pt")
+    p.add_argument("--from", dest="source", required=True, choices=["irra", "textreid", "clip"],
+                   help="the project the file comes from")
+    p.add_argument("file", help="their checkpoint (best.pth) or CLIP weights file/folder")
+    p.add_argument("--config", default=None,
+                   help="their run's config: IRRA's configs.yaml (image size, stride, losses, dataset) or "
+                        "TextReID's yaml (INPUT.HEIGHT/WIDTH); default: read everything from the shapes")
+    p.add_argument("--vocab", default=None,
+                   help="textreid: the GRU's frozen word table, their clip_vocab_vit.npy (or CLIP ViT weights)")
+    p.add_argument("--arch", default=None,
+                   help="open_clip architecture name (e.g. ViT-B-16), when the shapes match none or several")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
+                   help="clip: input size (default: the weights' own, e.g. 224 224; the position grid is "
+                        "interpolated otherwise)")
+    p.add_argument("--out", required=True, help="the tbps checkpoint to write (e.g. models/irra_cuhk.pt)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=_cmd_import)
     return parser
 
 

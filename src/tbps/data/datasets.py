@@ -209,11 +209,114 @@ class JsonAnnotationDataset(PersonSearchDataset):
 
 @DATASETS.register("cuhk-pedes")
 class CUHKPEDES(JsonAnnotationDataset):
-    """CUHK-PEDES: ``reid_raw.json``, ``file_path`` (e.g. ``CUHK01/0363004.png``), two captions per image."""
+    """CUHK-PEDES: ``reid_raw.json``, ``file_path`` (e.g. ``CUHK01/0363004.png``), two captions per image.
+
+    Without ``reid_raw.json``, TextReID's layout is read instead (``annotations/{train,val,test}.json``,
+    one record per caption; see :func:`parse_textreid_layout`).
+    """
 
     dataset_name = "cuhk-pedes"
     annotation_names = ("reid_raw.json",)
     path_field = "file_path"
+
+    def __init__(self, root: str | Path) -> None:
+        folder = Path(root).expanduser()
+        if (folder.is_dir() and not any((folder / name).is_file() for name in self.annotation_names)
+                and (folder / TEXTREID_ANNOTATIONS).is_dir()):
+            folder = folder.resolve()
+            with _gc_paused():
+                train, val, test = parse_textreid_layout(folder, self.image_dir)
+            PersonSearchDataset.__init__(self, self.dataset_name, folder, folder / TEXTREID_ANNOTATIONS,
+                                         train, val, test)
+            return
+        super().__init__(root)
+
+
+# ----------------------------------------------------------------------------- TextReID's layout
+
+TEXTREID_ANNOTATIONS = "annotations"
+_TEXTREID_FIELDS = ("file_path", "sentence", "id", "image_id")
+
+
+def _textreid_record_problem(rec: object) -> str | None:
+    """Why a TextReID caption record is malformed, or None."""
+    if not isinstance(rec, dict):
+        return f"expected a JSON object, found a JSON {_json_type(rec)}"
+    for key in _TEXTREID_FIELDS:
+        if key not in rec:
+            return f"missing {key!r}"
+    if type(rec["id"]) is not int:
+        return f"'id' must be an integer, found {rec['id']!r}"
+    if type(rec["image_id"]) is not int:
+        return f"'image_id' must be an integer, found {rec['image_id']!r}"
+    if not isinstance(rec["file_path"], str) or not rec["file_path"].strip():
+        return f"'file_path' must be a non-empty string, found {rec['file_path']!r}"
+    if not isinstance(rec["sentence"], str) or not rec["sentence"].strip():
+        return f"'sentence' must be a non-empty string, found {rec['sentence']!r}"
+    onehot = rec.get("onehot", [])
+    if not isinstance(onehot, list) or not all(type(t) is int for t in onehot):
+        return "'onehot' must be a list of integers"
+    return None
+
+
+def _read_textreid_split(path: Path) -> list:
+    try:
+        with open(path, "rb") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise TBPSError(f"{path}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise TBPSError(f"{path}: not valid JSON (not UTF-8 text: {exc.reason})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        found = (f"a JSON {_json_type(data)}" if not isinstance(data, dict)
+                 else "an object without an 'annotations' list")
+        raise TBPSError(f"{path}: expected {{\"annotations\": [...]}} (TextReID's layout), found {found}")
+    return data["annotations"]
+
+
+def parse_textreid_layout(root: Path, image_dir: str = "imgs"
+                          ) -> tuple[list[ImageRecord], list[ImageRecord], list[ImageRecord]]:
+    """(train, val, test) from TextReID's CUHK-PEDES layout (BrandonHanx/TextReID
+    ``lib/data/datasets/cuhkpedes.py``): ``annotations/{train,val,test}.json``, each
+    ``{"annotations": [...]}`` with one record per caption (``file_path``, ``sentence``, ``onehot``,
+    ``id``, ``image_id``), images under ``imgs/``.
+
+    Captions are grouped by image (``file_path``), in order of first appearance; one image with two
+    person ids is an error. ``onehot`` (their pre-tokenised ids) is checked but not used: tbps
+    tokenises ``sentence`` itself. Train ids are remapped to 0..N-1 as for the other formats.
+    """
+    folder = root / TEXTREID_ANNOTATIONS
+    splits: dict[str, list[ImageRecord]] = {}
+    prefix = str(root / image_dir) + os.sep
+    for split in SPLITS:
+        path = folder / f"{split}.json"
+        if not path.is_file():
+            if split == "test":
+                raise TBPSError(f"{folder}: no test.json here (TextReID's layout needs annotations/test.json)")
+            splits[split] = []
+            continue
+        images: dict[str, tuple[int, list[str]]] = {}
+        for index, rec in enumerate(_read_textreid_split(path)):
+            problem = _textreid_record_problem(rec)
+            if problem:
+                raise TBPSError(f"{path}: record {index}: {problem}")
+            rel_path, raw_pid = rec["file_path"], rec["id"]
+            entry = images.setdefault(rel_path, (raw_pid, []))
+            if entry[0] != raw_pid:
+                raise TBPSError(f"{path}: record {index}: image {rel_path!r} has id {raw_pid}, but an earlier "
+                                f"record gives it id {entry[0]}")
+            entry[1].append(rec["sentence"])
+        if split == "train":
+            remap = {raw: new for new, raw in enumerate(sorted({pid for pid, _ in images.values()}))}
+        records: list[ImageRecord] = []
+        for rel_path, (raw_pid, captions) in images.items():
+            pid = remap[raw_pid] if split == "train" else raw_pid
+            image_path = rel_path if os.path.isabs(rel_path) else prefix + rel_path
+            records.append(ImageRecord(pid, image_path, captions, len(records), raw_pid))
+        splits[split] = records
+    if not splits["test"]:
+        raise TBPSError(f"{folder / 'test.json'}: the test split is empty")
+    return splits["train"], splits["val"], splits["test"]
 
 
 @DATASETS.register("icfg-pedes")

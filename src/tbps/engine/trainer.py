@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from tbps.config import Config, config_from_dict, save_config
 from tbps.errors import TBPSError
 from tbps.engine import distributed as D
-from tbps.engine.checkpoint import (capture_rng_state, load_model_weights, read_checkpoint,
+from tbps.engine.checkpoint import (capture_rng_state, fine_tuning_tokenizer, load_model_weights, read_checkpoint,
                                     restore_rng_state, save_checkpoint, unwrap)
 from tbps.engine.optim import build_optimizer, build_scheduler
 
@@ -94,11 +94,19 @@ class Trainer:
             report = check_images(self.dataset, decode=cfg.data.check == "decode", progress=False)
             if not report.ok:
                 raise TBPSError(report.summary(limit=5).replace("\n", "; "))
+        init = read_checkpoint(cfg.train.init_checkpoint) if cfg.train.init_checkpoint and ckpt is None else None
+        if init is not None:
+            tokenizer_name = fine_tuning_tokenizer(cfg.data.tokenizer, init)
+            if tokenizer_name != cfg.data.tokenizer:
+                if self.dist.is_main:
+                    log.info("%s: data.tokenizer=%s, the layout of its weights (written before <|mask|> took "
+                             "id 49405)", cfg.train.init_checkpoint, tokenizer_name)
+                cfg = replace(cfg, data=replace(cfg.data, tokenizer=tokenizer_name))
+                self.cfg = cfg
         self.tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.text_length)
         self.num_classes = self.dataset.num_train_ids
         model = build_model(cfg, self.num_classes, self.tokenizer, load_pretrained=ckpt is None)
-        if cfg.train.init_checkpoint and ckpt is None:
-            init = read_checkpoint(cfg.train.init_checkpoint)
+        if init is not None:
             load_model_weights(model, init["model"], source=cfg.train.init_checkpoint)
         self.model = model.to(self.device)
         self.loader, self.sampler = build_train_loader(cfg, self.dataset, self.tokenizer,

@@ -45,5 +45,6 @@ from tbps.models import cffa  # noqa: E402,F401
 from tbps.models import textreid  # noqa: E402,F401
 from tbps.models import pcc  # noqa: E402,F401
 from tbps.models import acsa  # noqa: E402,F401
+from tbps.models import clip  # noqa: E402,F401
 
 __all__ = ["METHODS", "TBPSModel", "build_model"]

@@ -247,11 +247,9 @@ def _load_tensor_file(path: Path) -> dict[str, Any]:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types
             raise TBPSError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TBPSError(f"{path}: not a readable PyTorch checkpoint ({msg})") from None
+    from tbps.safe_load import load_torch_file
+
+    return load_torch_file(path, "PyTorch checkpoint")
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -404,6 +402,9 @@ def read_clip_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, An
     if path.is_dir():
         state, meta = _read_hf_folder(path)
     elif _is_torchscript(path):
+        from tbps.safe_load import check_torchscript_archive
+
+        check_torchscript_archive(path)
         try:
             with warnings.catch_warnings():  # "torch.jit is deprecated": OpenAI still ships TorchScript
                 warnings.simplefilter("ignore", FutureWarning)

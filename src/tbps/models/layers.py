@@ -84,7 +84,7 @@ class MLMHead(nn.Module):
 
     ``Linear(width, width) -> QuickGELU (or GELU) -> LayerNorm -> Linear(width, vocab_size)``.
     Apply it to the selected masked positions only: the vocabulary projection is the largest
-    activation of the IRR branch (49,409 logits per token with CLIP).
+    activation of the IRR branch (49,408 logits per token with CLIP).
     """
 
     def __init__(self, width: int, vocab_size: int, activation: str = "quick_gelu") -> None:

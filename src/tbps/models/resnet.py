@@ -106,11 +106,9 @@ def load_resnet_weights(encoder: ResNetEncoder, path: str | Path) -> None:
     path = Path(path).expanduser()
     if not path.is_file():
         raise TBPSError(f"{path}: file not found (model.pretrained: a torchvision {encoder.arch} state dict)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TBPSError(f"{path}: cannot read a torch state dict ({msg[:200]})") from None
+    from tbps.safe_load import load_torch_file
+
+    obj = load_torch_file(path, "torch state dict")
     state = {k: v for k, v in _unwrap(obj, path).items() if not k.startswith("fc.")}
     check_state_dict(encoder.backbone, state, str(path), f"torchvision {encoder.arch}")
     encoder.backbone.load_state_dict(state, strict=True)

@@ -9,9 +9,11 @@ A dual encoder with cross-modal momentum contrast:
 - Text: a bidirectional GRU (``method.gru_hidden`` 512 per direction, no biases, as the authors'
   code) over frozen word embeddings, max-pooled over the caption's real tokens (start to end
   token; the authors' code also pools over the zero padding of the batch), projected to 256.
-  The frozen embeddings follow ``model.text_backbone``: ``clip`` takes the ``token_embedding``
-  of the CLIP file in ``model.pretrained`` (the paper; a random frozen table when there is no
-  file, for the tiny CPU tests); ``hf`` takes the input word embeddings of ``model.text_pretrained``
+  The frozen embeddings follow ``model.text_backbone``: ``clip`` takes ``method.word_embeddings``
+  when set, else the ``token_embedding`` of the CLIP file in ``model.pretrained`` (a random frozen
+  table when there is neither, for the tiny CPU tests). The authors' table is CLIP ViT's even with
+  RN50/RN101 images: their ``clip_vocab_vit.npy`` (or any CLIP ViT weights file) goes in
+  ``method.word_embeddings``; ``hf`` takes the input word embeddings of ``model.text_pretrained``
   (e.g. the MiniLM that ships offline, tokenizer ``minilm``): our choice for SynthPEDES, where no
   CLIP text weights exist offline.
 - Losses (``cfg.loss``, each weight 1 in the paper):
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -72,6 +75,8 @@ class TextReIDOptions:
     align_beta: float = 0.4  # global alignment: negative margin
     align_scale_pos: float = 10.0
     align_scale_neg: float = 40.0
+    # frozen word table: a .npy (TextReID's clip_vocab_vit.npy) or CLIP weights; "" = model.pretrained's
+    word_embeddings: str = ""
 
     def __post_init__(self) -> None:
         if self.gru_hidden < 1 or self.gru_layers < 1:
@@ -111,15 +116,44 @@ class BiGRUTextEncoder(nn.Module):
         return output.max(dim=1).values
 
 
+def read_word_table(path: str) -> Tensor:
+    """TextReID's frozen word table from ``path``: a ``.npy`` array (their ``clip_vocab_vit.npy``,
+    one row per CLIP token) or a CLIP weights file, whose ``token_embedding.weight`` is taken."""
+    from tbps.models.backbones import read_clip_weights
+    from tbps.safe_load import load_npy
+
+    if str(path).endswith(".npy"):
+        array = load_npy(path, "word-embedding table")
+        if array.ndim != 2 or array.dtype.kind != "f":
+            raise TBPSError(f"{path}: a word-embedding table must be a 2-D float array (tokens x width), "
+                            f"got shape {list(array.shape)} of {array.dtype}")
+        return torch.from_numpy(array.astype("float32"))
+    state, _ = read_clip_weights(path)
+    table = state.get("token_embedding.weight")
+    if table is None or table.ndim != 2:
+        raise TBPSError(f"{path}: no CLIP text token embedding ('token_embedding.weight') in this file; "
+                        f"method.word_embeddings needs a .npy table or CLIP weights")
+    return table.float()
+
+
 def _word_embedding_table(cfg: Config, tokenizer, load_pretrained: bool,
-                          clip_weights: tuple[dict[str, Tensor], dict] | None) -> Tensor:
+                          clip_weights: tuple[dict[str, Tensor], dict] | None, word_file: str = "") -> Tensor:
     """The frozen word-embedding table (rows = the tokenizer's vocabulary), by ``model.text_backbone``."""
     from tbps.models import backbones as B
 
     kind = cfg.model.text_backbone
     vocab = int(tokenizer.vocab_size)
-    if kind == "clip":
+    if kind == "clip" and word_file and load_pretrained:
+        table, source = read_word_table(word_file), word_file
+    elif kind == "clip":
         width = int(B.get_arch_config(cfg.model.image_backbone)["text_cfg"]["width"])
+        if word_file:  # a checkpoint is about to overwrite the table: only its width matters
+            if str(word_file).endswith(".npy") and Path(word_file).is_file():
+                import numpy as np
+
+                shape = np.load(word_file, mmap_mode="r", allow_pickle=False).shape
+                width = int(shape[1]) if len(shape) == 2 else width
+            return torch.zeros(vocab, width)
         if clip_weights is None:  # no file (tiny CPU architectures), or a checkpoint will overwrite it
             return torch.randn(vocab, width) * 0.02
         table = clip_weights[0].get("token_embedding.weight")
@@ -162,7 +196,7 @@ class TextReID(TBPSModel):
             clip_weights = read_clip_weights(cfg.model.pretrained)  # read once: image tower + token table
         self.image_encoder = build_image_encoder(cfg.model, tuple(cfg.data.image_size), load_pretrained,
                                                  _weights=clip_weights)
-        table = _word_embedding_table(cfg, tokenizer, load_pretrained, clip_weights)
+        table = _word_embedding_table(cfg, tokenizer, load_pretrained, clip_weights, opts.word_embeddings)
         self.word_embedding = nn.Embedding.from_pretrained(table, freeze=True)
         self.text_encoder = BiGRUTextEncoder(table.shape[1], opts.gru_hidden, opts.gru_layers)
         self.image_proj = nn.Linear(int(self.image_encoder.output_dim), dim)

@@ -97,10 +97,19 @@ def list_images(images: str | os.PathLike) -> list[str]:
 # ----------------------------------------------------------------------------- fingerprint
 
 def model_fingerprint(model: torch.nn.Module, cfg: Any) -> str:
-    """SHA-256 over every weight and the preprocessing: two models share it only if they embed alike."""
+    """SHA-256 over every weight and the preprocessing: two models share it only if they embed alike.
+
+    ``clip-legacy`` enters as ``clip``, the name tbps wrote for that layout before ``<|mask|>`` took
+    id 49405, so indexes built then still match their checkpoints; the 49,409-row token table in the
+    weights already tells the two layouts apart.
+    """
+    from tbps.data.tokenizers import CLIP_LEGACY_NAME
+
     digest = hashlib.sha256()
+    tokenizer = str(cfg.data.tokenizer)
     preprocessing = {"method": cfg.model.name, "image_size": [int(v) for v in cfg.data.image_size],
-                     "tokenizer": str(cfg.data.tokenizer), "text_length": int(cfg.data.text_length)}
+                     "tokenizer": "clip" if tokenizer == CLIP_LEGACY_NAME else tokenizer,
+                     "text_length": int(cfg.data.text_length)}
     digest.update(json.dumps(preprocessing, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().to("cpu").contiguous()
