@@ -35,6 +35,17 @@ IMAGE_ROOT_HELP = ("the gallery's folder now, when it has moved since tbps index
 def _cmd_synth(args: argparse.Namespace) -> int:
     from tbps.data.synth import generate_synthpedes
 
+    if args.scenes:
+        from tbps.footage.scenes import generate_scenes
+
+        made = generate_scenes(args.out, num_ids=args.ids, cameras=args.cameras, frames_per_camera=args.frames,
+                               people_per_frame=args.people_per_frame, height=args.scene_height,
+                               width=args.scene_width, fps=args.fps, seed=args.seed, videos=not args.no_videos,
+                               val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                               progress=not args.quiet)
+        print(f"wrote {made['frames']} frames of {made['cameras']} cameras ({made['boxes']} person boxes, "
+              f"{made['identities']} identities) to {args.out}")
+        return 0
     summary = generate_synthpedes(
         args.out,
         num_ids=args.ids,
@@ -168,6 +179,23 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 def _cmd_index(args: argparse.Namespace) -> int:
     from tbps.search.index import build_index
 
+    if args.footage:
+        from tbps.footage.detect import build_detector
+        from tbps.footage.ingest import build_footage_index
+
+        detector = build_detector(args.detector, args.detector_weights, args.min_score,
+                                  device="cpu" if args.device == "auto" else args.device)
+        summary = build_footage_index(args.checkpoint, args.footage, args.out, detector, sample_fps=args.sample_fps,
+                                      manifest=args.manifest, frame_rate=args.frame_rate, progress=not args.quiet,
+                                      batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+                                      backend=args.backend)
+        bad = (f"; skipped {summary['unreadable_sources']} unreadable source(s) and "
+               f"{summary['unreadable_frames']} unreadable frame(s)") if summary["unreadable_sources"] or \
+            summary["unreadable_frames"] else ""
+        print(f"read {summary['sources'] - summary['already_ingested']} new source(s) "
+              f"({summary['already_ingested']} already there), {summary['frames']} sampled frames, "
+              f"{summary['new_crops']} person crops{bad}; {args.out} holds {summary['total']} crops")
+        return 0
     summary = build_index(args.checkpoint, args.images, args.out, batch_size=args.batch_size, device=args.device,
                           num_workers=args.workers, progress=not args.quiet, backend=args.backend)
     note = f", skipped {summary['skipped']} unreadable" if summary["skipped"] else ""
@@ -196,21 +224,41 @@ def _cmd_search(args: argparse.Namespace) -> int:
     queries = _read_queries(args)
     searcher = Searcher(args.index, checkpoint=args.checkpoint, device=args.device, backend=args.backend,
                         image_root=args.image_root)
-    results = searcher.search(queries, top_k=args.top_k, rerank=args.rerank == "on", shortlist=args.shortlist)
+    results = searcher.search(queries, top_k=args.top_k, rerank=args.rerank == "on", shortlist=args.shortlist,
+                              cameras=args.camera, time_from=args.time_from, time_to=args.time_to,
+                              group_tracks=args.group_tracks)
+    footage = ("camera", "time", "box")
     if args.json:
-        rows = [[{k: r[k] for k in ("rank", "path", "score")} for r in ranked] for ranked in results]
+        rows = [[{k: r[k] for k in ("rank", "path", "score", *footage) if k in r} for r in ranked]
+                for ranked in results]
         print(json.dumps(rows[0] if len(rows) == 1 else rows))
         return 0
     for query, ranked in zip(queries, results):
         print(f'query: "{query}"')
         for r in ranked:
-            print(f"  {r['rank']:>3}. {r['score']:+.4f}  {r['path']}")
+            when = r.get("time_iso", f"t={r.get('time', 0.0):.2f}s")
+            where = f"  camera {r['camera']} {when} box {r['box']}" if "camera" in r else ""
+            print(f"  {r['rank']:>3}. {r['score']:+.4f}  {r['path']}{where}")
+    return 0
+
+
+def _cmd_train_detector(args: argparse.Namespace) -> int:
+    from tbps.footage.hog_train import train_hog_detector
+
+    made = train_hog_detector(args.scenes, args.out)
+    print(f"trained on {made['frames']} frames ({made['positives']} person windows, {made['negatives']} + "
+          f"{made['hard_negatives']} hard negatives); use it with tbps index --detector hog:{args.out}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tbps.demo import run_demo
 
+    if args.scenes:
+        from tbps.footage.demo import run_footage_demo
+
+        run_footage_demo(out=args.out, device=args.device, checkpoint=args.checkpoint)
+        return 0
     run_demo(out=args.out, quick=args.quick, device=args.device)
     return 0
 
@@ -243,6 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of identities in the val split")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of identities in the test split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--scenes", action="store_true",
+                   help="write camera footage instead: frames/<camera>/*.jpg, videos/<camera>.mp4 and "
+                        "annotations.json (boxes, identities, tracks, captions) of the test identities of the "
+                        "SynthPEDES set with the same --ids and --seed")
+    p.add_argument("--cameras", type=int, default=3, help="with --scenes: number of cameras")
+    p.add_argument("--frames", type=int, default=24, help="with --scenes: frames per camera")
+    p.add_argument("--people-per-frame", type=int, default=3, help="with --scenes: people in view at once")
+    p.add_argument("--fps", type=int, default=4, help="with --scenes: frame rate of the footage")
+    p.add_argument("--scene-width", type=int, default=640, help="with --scenes: frame width in pixels")
+    p.add_argument("--scene-height", type=int, default=360, help="with --scenes: frame height in pixels")
+    p.add_argument("--no-videos", action="store_true", help="with --scenes: frames only, no MP4 files")
     p.set_defaults(func=_cmd_synth)
 
     # data
@@ -314,9 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  tbps index --checkpoint runs/demo/train/best.pt "
                        "--images runs/demo/data/imgs --out runs/demo/index")
     p.add_argument("--checkpoint", required=True, help="a tbps checkpoint (best.pt or last.pt)")
-    p.add_argument("--images", required=True,
-                   help="a folder of images (searched recursively) or a text file listing image paths, one per "
-                        "line (relative paths are relative to the list's folder)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images",
+                        help="a folder of images (searched recursively) or a text file listing image paths, one "
+                             "per line (relative paths are relative to the list's folder)")
+    source.add_argument("--footage",
+                        help="camera footage instead of person crops: a video file, or a folder of videos and "
+                             "frame folders; camera ids from the first folder level or a footage.json manifest "
+                             "(docs: README, 'Search camera footage')")
     p.add_argument("--out", required=True,
                    help="index folder (created; appended to if it holds an index of the same model)")
     p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch")
@@ -326,6 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first-stage search saved with the index: exact matrix product, or a FAISS HNSW or "
                         "IVF index; auto = exact below 100,000 images, HNSW above")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from tbps.footage.detect import DETECTOR_HELP
+
+    p.add_argument("--detector", default="hog", help="with --footage: the person detector: " + DETECTOR_HELP)
+    p.add_argument("--detector-weights", default=None, help="with --footage: a torchvision detector's weight file")
+    p.add_argument("--min-score", type=float, default=None,
+                   help="with --footage: lowest detection score kept (unset: 0.5 for torchvision models, 0.0 for hog)")
+    p.add_argument("--sample-fps", type=float, default=None,
+                   help="with --footage: frames per second kept from videos and frame folders (unset: every frame)")
+    p.add_argument("--frame-rate", type=float, default=1.0,
+                   help="with --footage: frame rate of frame folders that the manifest gives none for")
+    p.add_argument("--manifest", default=None,
+                   help="with --footage: a footage.json naming every source's camera and start time "
+                        "(unset: FOOTAGE/footage.json when present)")
     p.set_defaults(func=_cmd_index)
     p = sub.add_parser("search", formatter_class=search_fmt, help="search an index by a text description",
                        description="Rank the images of an index for text descriptions. The global embedding\n"
@@ -345,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first-stage search (default: the one saved with the index)")
     p.add_argument("--image-root", default=None, help=IMAGE_ROOT_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--camera", action="append", default=None,
+                   help="footage indexes: only crops of this camera (repeat for several)")
+    p.add_argument("--time-from", default=None,
+                   help="footage indexes: only crops at or after this time (seconds, or ISO 8601 such as "
+                        "2026-01-05T08:00:00)")
+    p.add_argument("--time-to", default=None, help="footage indexes: only crops at or before this time")
+    p.add_argument("--group-tracks", action="store_true",
+                   help="footage indexes: one result per track (the same person in consecutive frames)")
     p.add_argument("query", nargs="*", help="descriptions, e.g. 'a man in a grey hoodie with a red backpack'")
     p.set_defaults(func=_cmd_search)
     p = sub.add_parser("serve", formatter_class=fmt, help="HTTP API and web page to search an index",
@@ -407,6 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("queries", nargs="*", metavar="QUERY", help="query texts (optional with a dataset)")
     p.set_defaults(func=_cmd_visualize)
 
+    p = sub.add_parser("train-detector", formatter_class=fmt,
+                       help="train a HOG person detector on synthetic scenes (tbps synth --scenes)",
+                       description="Train OpenCV's HOG people detector anew on the frames and true boxes of "
+                       "scenes folders written by tbps synth --scenes (seconds on a CPU); the .npz it writes is "
+                       "used with tbps index --footage ... --detector hog:FILE.")
+    p.add_argument("--scenes", nargs="+", required=True, help="scenes folders (each with annotations.json)")
+    p.add_argument("--out", required=True, help="the detector file to write (.npz)")
+    p.set_defaults(func=_cmd_train_detector)
+
     # demo
     p = sub.add_parser("demo", formatter_class=fmt, help="the whole pipeline on synthetic data, on the CPU",
                        description="Synthesise SynthPEDES, train a small model on the CPU, evaluate it on "
@@ -415,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller dataset and budget (about 3 minutes)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--scenes", action="store_true",
+                   help="camera footage: the quick demo's model, then synthetic videos of unseen people, HOG "
+                        "person detection, an index of the crops with camera/time/box (OUT/footage_index) and "
+                        "searches of it")
+    p.add_argument("--checkpoint", default=None, help="with --scenes: use this model instead of training one")
     p.set_defaults(func=_cmd_demo)
 
     # import

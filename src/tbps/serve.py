@@ -7,7 +7,12 @@ Routes (the HTTP contract of ``interface.md``):
   [{"rank", "path", "score", "url"}]}``;
 - ``GET /images/<id>``: gallery image ``id`` (its row in the index). Only images in the index are
   served: the id is a row number looked up in the index, never a path taken from the request;
-- ``GET /healthz`` -> ``{"status": "ok", "gallery_size", "model", "rerank", "limits", "auth"}``.
+- ``GET /healthz`` -> ``{"status": "ok", "gallery_size", "model", "rerank", "limits", "auth"}`` (and
+  ``cameras`` for an index of footage);
+- footage indexes (``tbps index --footage``): ``/api/search`` also takes ``camera`` (repeatable),
+  ``from`` and ``to`` (seconds or ISO 8601) and ``group=on`` (one hit per track); each result adds
+  ``camera``, ``time``, ``box`` and ``frame_url``; ``GET /frames/<id>`` is the frame crop ``id`` was
+  cut from, its box drawn in red (a regular file, symlinks resolved, as for images).
 
 Result paths are relative to the gallery folder (no server paths leak); an image is served only if
 its file, symlinks resolved, is a regular file inside the indexed gallery. Requests whose ``Host``
@@ -60,7 +65,8 @@ MAX_QUERY_CHARS = 500     # a long CUHK-PEDES caption is ~100 words; text encode
 MAX_K = 100
 DEFAULT_K = 10
 MAX_BATCH = 32
-PARAMETERS = ("q", "k", "rerank")
+PARAMETERS = ("q", "k", "rerank", "camera", "from", "to", "group")
+MAX_TIME_CHARS = 40
 _IMAGE_ID = re.compile(r"[0-9]{1,12}")
 _INTEGER = re.compile(r"[+]?[0-9]{1,9}")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -77,6 +83,7 @@ class _Request:
     query: str
     k: int
     rerank: bool
+    filters: dict[str, Any] = field(default_factory=dict)  # footage: cameras, time_from, time_to, group_tracks
     done: threading.Event = field(default_factory=threading.Event)
     result: list[dict[str, Any]] | None = None
     error: BaseException | None = None
@@ -100,8 +107,8 @@ class QueryBatcher:
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
 
-    def search(self, query: str, k: int, rerank: bool) -> list[dict[str, Any]]:
-        request = _Request(query, k, rerank)
+    def search(self, query: str, k: int, rerank: bool, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        request = _Request(query, k, rerank, dict(filters or {}))
         with self._cond:
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._run, name="tbps-search", daemon=True)
@@ -120,14 +127,15 @@ class QueryBatcher:
                 while not self._queue:
                     self._cond.wait()
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))]
-            for rerank in (True, False):
-                group = [r for r in batch if r.rerank is rerank]
-                if group:
-                    self._search_group(group, rerank)
+            kinds = list(dict.fromkeys((r.rerank, repr(sorted(r.filters.items()))) for r in batch))
+            for rerank, filters in kinds:
+                group = [r for r in batch if (r.rerank, repr(sorted(r.filters.items()))) == (rerank, filters)]
+                self._search_group(group, rerank)
 
     def _search_group(self, group: list[_Request], rerank: bool) -> None:
         try:
-            results = self.searcher.search([r.query for r in group], top_k=max(r.k for r in group), rerank=rerank)
+            results = self.searcher.search([r.query for r in group], top_k=max(r.k for r in group), rerank=rerank,
+                                           **group[0].filters)
             for request, rows in zip(group, results):
                 request.result = rows[:request.k]
         except BaseException as exc:  # handed to the waiting request threads, which raise it
@@ -161,7 +169,8 @@ def parse_search_params(params: Any, max_query_chars: int = MAX_QUERY_CHARS,
     """``(query, k, rerank)`` from a request's query parameters, or :class:`BadRequest`."""
     unknown = sorted({key for key in params.keys() if key not in PARAMETERS})
     if unknown:
-        raise BadRequest(f"unknown parameter {unknown[0]!r}; the search takes q, k and rerank")
+        raise BadRequest(f"unknown parameter {unknown[0]!r}; the search takes q, k, rerank, camera, from, to "
+                         "and group")
     q = _single(params, "q")
     if q is None:
         raise BadRequest("missing parameter 'q': the description to search for, e.g. q=a man in a red coat")
@@ -189,6 +198,39 @@ def parse_search_params(params: Any, max_query_chars: int = MAX_QUERY_CHARS,
     else:
         raise BadRequest(f"parameter 'rerank' must be 'on' or 'off', got {rerank_text[:20]!r}")
     return query, k, rerank
+
+
+def parse_footage_params(params: Any) -> dict[str, Any]:
+    """``Searcher.search`` keyword arguments from ``camera`` (repeatable), ``from``, ``to``, ``group``.
+
+    Syntax is checked here (times parse, the range is not inverted, on/off); whether the index has
+    footage and the camera exists is checked by the searcher, whose one-line errors become 400s.
+    """
+    from tbps.footage.ingest import parse_time
+
+    filters: dict[str, Any] = {}
+    cameras = [c.strip() for c in params.getlist("camera")]
+    if any(not c or len(c) > 100 for c in cameras):
+        raise BadRequest("parameter 'camera' must be a camera id of 1 to 100 characters")
+    if cameras:
+        filters["cameras"] = cameras
+    for name, key in (("from", "time_from"), ("to", "time_to")):
+        text = _single(params, name)
+        if text is not None:
+            if not text.strip() or len(text) > MAX_TIME_CHARS:
+                raise BadRequest(f"parameter {name!r} must be a time: seconds or ISO 8601, e.g. 2026-01-05T08:00:00")
+            try:
+                filters[key] = parse_time(text, f"parameter {name!r}")
+            except TBPSError as exc:
+                raise BadRequest(str(exc)) from None
+    if filters.get("time_from", -float("inf")) > filters.get("time_to", float("inf")):
+        raise BadRequest(f"inverted time range: 'from' {_single(params, 'from')} is after 'to' {_single(params, 'to')}")
+    group = _single(params, "group")
+    if group not in (None, "on", "off"):
+        raise BadRequest(f"parameter 'group' must be 'on' or 'off', got {group[:20]!r}")
+    if group == "on":
+        filters["group_tracks"] = True
+    return filters
 
 
 # ----------------------------------------------------------------------------- the app
@@ -365,6 +407,8 @@ def create_app(searcher: Any, *, max_query_chars: int = MAX_QUERY_CHARS, max_k: 
     audit = AuditLog(audit_log, token) if audit_log is not None else None
     batcher = QueryBatcher(searcher, max_batch=max_batch)
     page, policy = _page_and_policy()
+    metadata = getattr(getattr(searcher, "index", None), "metadata", None) or []
+    cameras = sorted({m["camera"] for m in metadata if m})
     app = FastAPI(title="tbps", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.searcher = searcher
     app.state.batcher = batcher
@@ -410,9 +454,12 @@ def create_app(searcher: Any, *, max_query_chars: int = MAX_QUERY_CHARS, max_k: 
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "gallery_size": int(searcher.size), "model": searcher.model_name,
-                "rerank": bool(searcher.has_rerank), "limits": {"max_query_chars": max_query_chars, "max_k": max_k},
-                "auth": token is not None}
+        health = {"status": "ok", "gallery_size": int(searcher.size), "model": searcher.model_name,
+                  "rerank": bool(searcher.has_rerank), "limits": {"max_query_chars": max_query_chars, "max_k": max_k},
+                  "auth": token is not None}
+        if cameras:
+            health["cameras"] = cameras
+        return health
 
     @app.get("/api/search")
     def api_search(request: Request) -> dict[str, Any]:
@@ -420,15 +467,29 @@ def create_app(searcher: Any, *, max_query_chars: int = MAX_QUERY_CHARS, max_k: 
         request.state.audit = noted
         query, k, rerank = parse_search_params(request.query_params, max_query_chars, max_k)
         noted.update(query=query, k=k)
+        filters = parse_footage_params(request.query_params)
         try:
-            rows = batcher.search(query, k, rerank)
+            rows = batcher.search(query, k, rerank, filters)
         except TBPSError as exc:
             raise BadRequest(str(exc)) from None
         noted["results"] = len(rows)
         return {"query": query, "k": k, "rerank": rerank and bool(searcher.has_rerank),
                 "results": [{"rank": int(r["rank"]), "path": relative_path(str(r["path"]), root),
-                             "score": round(float(r["score"]), 6), "url": f"/images/{int(r['index'])}"}
+                             "score": round(float(r["score"]), 6), "url": f"/images/{int(r['index'])}",
+                             **_footage_result(r)}
                             for r in rows]}
+
+    @app.get("/frames/{image_id}")
+    def frame(image_id: str) -> Response:
+        if not _IMAGE_ID.fullmatch(image_id) or int(image_id) >= int(searcher.size):
+            raise BadRequest(f"no image {image_id[:30]!r} in the index: ids are gallery rows 0..{int(searcher.size) - 1}",
+                             status=404)
+        cache = "private, max-age=3600" if token is not None else "public, max-age=3600"
+        try:
+            return Response(frame_with_box(searcher, int(image_id)), media_type="image/jpeg",
+                            headers={"Cache-Control": cache})
+        except TBPSError as exc:
+            raise BadRequest(str(exc), status=404) from None
 
     @app.get("/images/{image_id}")
     def image(image_id: str) -> Response:
@@ -446,6 +507,34 @@ def create_app(searcher: Any, *, max_query_chars: int = MAX_QUERY_CHARS, max_k: 
         return FileResponse(served, media_type=media_type, headers={"Cache-Control": cache})
 
     return app
+
+
+def _footage_result(row: dict[str, Any]) -> dict[str, Any]:
+    if "camera" not in row:
+        return {}
+    extra = {key: row[key] for key in ("camera", "time", "time_iso", "box", "track") if key in row}
+    return {**extra, "frame_url": f"/frames/{int(row['index'])}"}
+
+
+def frame_with_box(searcher: Any, index: int) -> bytes:
+    """JPEG bytes of the frame footage crop ``index`` was cut from, with its box drawn in red."""
+    import io
+
+    from PIL import ImageDraw
+
+    from tbps.data.images import load_image
+
+    path = searcher.frame_path(index)
+    box = searcher.footage_fields(index)["box"]
+    served = gallery_file(path, None)  # a regular file, symlinks resolved: a frame swapped for a link is refused
+    if served is None:
+        raise TBPSError(f"the frame of image {index} is not a regular file")
+    image = load_image(served)
+    width = max(2, round(min(image.size) / 150))
+    ImageDraw.Draw(image).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 0, 0), width=width)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------- serve

@@ -172,6 +172,7 @@ class GalleryIndex:
         self.feature_dtypes: dict[str, np.dtype] = {k: np.dtype(v.get("dtype", "float32"))
                                                     for k, v in self.manifest["features"].items()}
         self.paths: list[str] = []
+        self.metadata: list[dict[str, Any] | None] = []  # footage rows: camera, time, box, frame, track
         self._blocks: dict[str, list[np.ndarray]] = {key: [] for key in self.feature_shapes}
         for shard in self.manifest["shards"]:
             rows = int(shard["rows"])
@@ -179,6 +180,9 @@ class GalleryIndex:
             if len(shard_paths) != rows:
                 raise TBPSError(f"{self.root}: shard {shard['name']} lists {len(shard_paths)} paths for {rows} rows")
             self.paths.extend(str(self.image_root / p) for p in shard_paths)
+            meta_path = self.root / SHARDS / f"{shard['name']}.meta.json"
+            self.metadata.extend(json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file()
+                                 else [None] * rows)
             for key, shape in self.feature_shapes.items():
                 array = np.load(self.root / SHARDS / f"{shard['name']}.{key}.npy", mmap_mode="r")
                 if list(array.shape) != [rows, *shape]:
@@ -349,7 +353,7 @@ def _writer_lock(root: Path) -> Iterator[None]:
 
 def _build_locked(checkpoint: str | os.PathLike, listed: list[str], image_root: str, root: Path, existing: bool, *,
                   batch_size: int, device: str, num_workers: int | None, progress: bool, backend: str,
-                  shard_size: int) -> dict[str, Any]:
+                  shard_size: int, metadata: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     from tbps.data.transforms import build_image_transform
     from tbps.engine.checkpoint import load_model_from_checkpoint
     from tbps.engine.distributed import resolve_device
@@ -375,6 +379,8 @@ def _build_locked(checkpoint: str | os.PathLike, listed: list[str], image_root: 
                     "config": cfg.to_dict(), "image_root": image_root, "features": {}, "shards": [], "size": 0,
                     "backend": backend,
                     "created": _now(), "tbps_version": __version__}
+        if metadata is not None:
+            manifest["footage"] = True
         done = set()
         (root / SHARDS).mkdir(parents=True, exist_ok=True)
         _write_json_atomic(root / MANIFEST, manifest)
@@ -411,6 +417,8 @@ def _build_locked(checkpoint: str | os.PathLike, listed: list[str], image_root: 
         if manifest["features"] and manifest["features"] != shapes:
             raise TBPSError(f"{root}: the model returned features {shapes}, the index holds {manifest['features']}")
         name = f"shard-{len(manifest['shards']):06d}"
+        if metadata is not None:  # footage: camera, time, box, frame, track of each row
+            _write_json_atomic(root / SHARDS / f"{name}.meta.json", [metadata[p] for p in kept])
         _write_shard(root, name, [relative_to_root(p, manifest["image_root"]) for p in kept], features)
         manifest["features"] = shapes
         manifest["shards"].append({"name": name, "rows": len(kept)})

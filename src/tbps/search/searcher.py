@@ -11,6 +11,7 @@ weights have the index's fingerprint: embeddings of two models are not comparabl
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import time
@@ -89,12 +90,20 @@ class Searcher:
 
     @torch.inference_mode()
     def search(self, queries: list[str], top_k: int = 10, rerank: bool = True,
-               shortlist: int = 100) -> list[list[dict[str, Any]]]:
+               shortlist: int = 100, cameras: list[str] | None = None, time_from: Any = None,
+               time_to: Any = None, group_tracks: bool = False) -> list[list[dict[str, Any]]]:
         """For each query, the ``top_k`` best images as ``{"rank", "path", "score", "index"}``.
 
         ``shortlist``: how many first-stage candidates the method's similarity re-ranks (raised to
         ``top_k``); unused when the method has none or ``rerank`` is False.
+        Footage indexes (``tbps index --footage``): results also carry ``camera``, ``time``, ``box``,
+        ``frame_number`` and ``track``; ``cameras`` and ``time_from``/``time_to`` (seconds or ISO
+        8601, inclusive) narrow the search to those crops, and ``group_tracks`` keeps the best crop
+        of each track, so the top k is k different sightings rather than one person k times.
         """
+        from tbps.footage.filters import allowed_rows, group_by_track
+
+        allowed = allowed_rows(self.index.metadata, cameras, time_from, time_to)
         if isinstance(queries, str):
             queries = [queries]
         queries = [str(q).strip() for q in queries]
@@ -104,14 +113,20 @@ class Searcher:
             raise TBPSError(f"top-k must be at least 1, got {top_k}")
         if shortlist < 1:
             raise TBPSError(f"shortlist must be at least 1, got {shortlist}")
-        if self.size == 0:
+        candidates = self.size if allowed is None else len(allowed)
+        if candidates == 0:
             return [[] for _ in queries]
         use_rerank = rerank and self.has_rerank
-        k = min(max(top_k, shortlist) if use_rerank else top_k, self.size)
+        wanted = top_k * 10 if group_tracks else top_k  # room for the crops that grouping folds away
+        k = min(max(wanted, shortlist) if use_rerank else wanted, candidates)
         start = time.perf_counter()
         text_feats = self.embed_queries(queries)
         embedded = time.perf_counter()
-        scores, rows = self.shortlist(text_feats["global"].cpu().numpy(), k)
+        if allowed is None:
+            scores, rows = self.shortlist(text_feats["global"].cpu().numpy(), k)
+        else:  # exact over the allowed rows only: a filter never empties a global top k
+            scores, rows = exact_topk(text_feats["global"].cpu().numpy(), [self.index.gather("global", allowed)], k)
+            rows = np.where(rows >= 0, allowed[np.clip(rows, 0, None)], -1)
         shortlisted = time.perf_counter()
         ranked = [(s[r >= 0], r[r >= 0]) for s, r in zip(scores, rows)]
         if use_rerank:
@@ -119,9 +134,30 @@ class Searcher:
                             [r for _, r in ranked], self.device)
         self.last_timing = {"embed": embedded - start, "shortlist": shortlisted - embedded,
                             "rerank": time.perf_counter() - shortlisted if use_rerank else 0.0}
-        return [[{"rank": rank, "path": self.paths[int(row)], "score": float(score), "index": int(row)}
+        if group_tracks:
+            ranked = [group_by_track(s, r, self.index.metadata) for s, r in ranked]
+        return [[{"rank": rank, "path": self.paths[int(row)], "score": float(score), "index": int(row),
+                  **self.footage_fields(int(row))}
                  for rank, (score, row) in enumerate(zip(s[:top_k], r[:top_k]), start=1)]
                 for s, r in ranked]
+
+    def footage_fields(self, index: int) -> dict[str, Any]:
+        """``camera``, ``time``, ``box``, ``frame_number``, ``track`` of a footage crop; {} for an image."""
+        meta = self.index.metadata[index] if self.index.metadata else None
+        if meta is None:
+            return {}
+        fields = {key: meta[key] for key in ("camera", "time", "box", "frame_number", "track") if key in meta}
+        if meta.get("absolute_time"):
+            fields["time_iso"] = datetime.datetime.fromtimestamp(meta["time"], datetime.timezone.utc).isoformat()
+        return fields
+
+    def frame_path(self, index: int) -> str:
+        """The frame a footage crop was cut from (TBPSError when ``index`` is no footage crop)."""
+        self.image_path(index)
+        meta = self.index.metadata[int(index)]
+        if meta is None or "frame" not in meta:
+            raise TBPSError(f"image {index} is not a crop of footage: it has no frame")
+        return str(self.index.root / meta["frame"]) if not os.path.isabs(meta["frame"]) else meta["frame"]
 
     def image_path(self, index: int) -> str:
         """The path of gallery row ``index``; only images in the index (anything else: TBPSError)."""
