@@ -262,7 +262,7 @@ def client(footage):
     from tbps.search.searcher import Searcher
     from tbps.serve import create_app
 
-    return TestClient(create_app(Searcher(footage[0], device="cpu")))
+    return TestClient(create_app(Searcher(footage[0], device="cpu")), base_url="http://127.0.0.1:8000")
 
 
 def test_api_filters_and_frame(client):
@@ -300,6 +300,26 @@ def test_api_bad_filters_are_400(client, params, message):
     assert response.status_code == 400 and message in response.json()["error"]
 
 
+def test_frame_swapped_for_a_link_outside_the_footage_is_404(tmp_path):
+    """A frame replaced by a symlink to an image elsewhere after indexing is not served."""
+    from fastapi.testclient import TestClient
+
+    from tbps.search.searcher import Searcher
+    from tbps.serve import create_app
+
+    index, _ = build_tiny_footage_index(tmp_path)
+    searcher = Searcher(index, device="cpu")
+    client = TestClient(create_app(searcher), base_url="http://127.0.0.1:8000")
+    assert client.get("/frames/0").status_code == 200
+    outside = tmp_path / "elsewhere.png"
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(outside)
+    frame = Path(searcher.frame_path(0))
+    frame.unlink()
+    frame.symlink_to(outside)
+    response = client.get("/frames/0")
+    assert response.status_code == 404 and "not a regular file inside its footage folder" in response.json()["error"]
+
+
 def test_frame_of_a_plain_image_is_404(tmp_path):
     from fastapi.testclient import TestClient
 
@@ -307,7 +327,7 @@ def test_frame_of_a_plain_image_is_404(tmp_path):
     from tbps.serve import create_app
     from tiny_gallery import build_tiny_index
 
-    client = TestClient(create_app(Searcher(build_tiny_index(tmp_path), device="cpu")))
+    client = TestClient(create_app(Searcher(build_tiny_index(tmp_path), device="cpu")), base_url="http://127.0.0.1:8000")
     response = client.get("/frames/0")
     assert response.status_code == 404 and "not a crop of footage" in response.json()["error"]
     assert "cameras" not in client.get("/healthz").json()

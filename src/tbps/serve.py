@@ -526,9 +526,13 @@ def frame_with_box(searcher: Any, index: int) -> bytes:
 
     path = searcher.frame_path(index)
     box = searcher.footage_fields(index)["box"]
-    served = gallery_file(path, None)  # a regular file, symlinks resolved: a frame swapped for a link is refused
+    meta = searcher.index.metadata[int(index)]
+    # a regular file inside where it was indexed from (the index's own frames/ for videos, the frame
+    # folder for folders), symlinks resolved: a frame swapped for a link elsewhere is refused
+    allowed = searcher.index.root if not os.path.isabs(meta["frame"]) else meta["source"]
+    served = gallery_file(path, allowed)
     if served is None:
-        raise TBPSError(f"the frame of image {index} is not a regular file")
+        raise TBPSError(f"the frame of image {index} is not a regular file inside its footage folder")
     image = load_image(served)
     width = max(2, round(min(image.size) / 150))
     ImageDraw.Draw(image).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 0, 0), width=width)
