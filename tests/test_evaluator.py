@@ -228,3 +228,26 @@ def test_missing_images_are_one_line_before_evaluation(records, tmp_path, monkey
         evaluate_checkpoint(tmp_path / "best.pt", device="cpu", progress=False)
     message = str(info.value)
     assert "1 of the" in message and Path(records[1].image_path).name in message and "\n" not in message
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_is_one_line_naming_the_file(records, tmp_path, monkeypatch, workers):
+    """The protocol scores every test image, so a present but undecodable one stops the evaluation with
+    one line naming it (not a DataLoader worker's traceback), in the main process or a worker."""
+    import tbps.data.datasets as datasets
+    import tbps.data.transforms as transforms
+    import tbps.engine.checkpoint as checkpoint
+
+    cfg = Config()
+    cfg.data.dataset, cfg.data.root, cfg.data.num_workers = "toy", str(tmp_path), workers
+    monkeypatch.setattr(checkpoint, "load_model_from_checkpoint", lambda path, device, overrides=None:
+                        (ColourModel(), cfg, tokenize))
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, root: SimpleNamespace(split=lambda s: records))
+    monkeypatch.setattr(transforms, "build_image_transform", lambda size, train: to_tensor)
+    corrupt = Path(records[5].image_path)
+    corrupt.write_bytes(corrupt.read_bytes()[:40])  # a truncated file: it opens, then fails to decode
+    with pytest.raises(TBPSError) as info:
+        evaluate_checkpoint(tmp_path / "best.pt", device="cpu", batch_size=3, progress=False)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(corrupt)) and "cannot decode" in message
+    assert "every" in message and "Traceback" not in message and "worker" not in message

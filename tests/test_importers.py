@@ -700,3 +700,24 @@ def test_textreid_keys_outside_its_modules_are_refused(tmp_path):
     torch.save(ckpt, path)
     assert import_checkpoint("textreid", path, tmp_path / "m.pt", vocab=vocab)["dropped"] == \
         ["embed_model.v_fc_q.0.weight"]
+
+
+@pytest.mark.parametrize("body, words", [
+    ("img_size: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+    ("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+     + "".join(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 9)), "expands to more than"),
+])
+def test_cli_import_bounds_their_yaml_like_a_tbps_config(tmp_path, capsys, body, words):
+    """Deep nesting and an alias bomb (10^9 values) in IRRA's configs.yaml: one line, quickly."""
+    import time
+
+    from tbps.cli import main
+
+    path, config, _ = save_irra_checkpoint(tmp_path)
+    config.write_text(config.read_text() + body)
+    started = time.perf_counter()
+    assert main(["import", "--from", "irra", str(path), "--config", str(config), "--out", str(tmp_path / "m.pt")]) == 1
+    assert time.perf_counter() - started < 10
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tbps: error: ") and "\n" not in err and "configs.yaml" in err and words in err
+    assert not (tmp_path / "m.pt").exists()

@@ -23,6 +23,7 @@ import yaml
 
 from tbps.errors import TBPSError
 from tbps.io import write_text_atomic
+from tbps.safe_yaml import check_yaml_size, load_yaml
 
 
 @dataclass
@@ -142,8 +143,6 @@ BOUNDS: tuple[tuple[str, float, float | None], ...] = (
     ("eval.batch_size", 1, None), ("eval.query_chunk", 1, None),
 )
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
-MAX_YAML_NODES = 100_000  # values a config may expand to (YAML aliases share nodes: a bomb is cut here)
-MAX_YAML_DEPTH = 32
 
 
 def validate_config(cfg: "Config") -> "Config":
@@ -177,51 +176,10 @@ def validate_config(cfg: "Config") -> "Config":
     return cfg
 
 
-def check_yaml_size(data: Any, where: str) -> None:
-    """Refuse a value that expands to more than ``MAX_YAML_NODES`` values or nests deeper than
-    ``MAX_YAML_DEPTH`` (a YAML alias bomb is small on disk and huge once copied or walked)."""
-    count = 0
-    stack: list[tuple[Any, int]] = [(data, 0)]
-    while stack:
-        node, depth = stack.pop()
-        count += 1
-        if count > MAX_YAML_NODES:
-            raise TBPSError(f"{where}: expands to more than {MAX_YAML_NODES:,} values (YAML aliases?); "
-                            "a config is a few hundred")
-        if depth > MAX_YAML_DEPTH:
-            raise TBPSError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep")
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values())
-            count += len(node)
-        elif isinstance(node, (list, tuple)):
-            stack.extend((v, depth + 1) for v in node)
-
-
-def _safe_load(text: str, where: str) -> Any:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise TBPSError(f"{where}:{line} not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    except (RecursionError, MemoryError):
-        raise TBPSError(f"{where}: nested too deeply or too large to read as YAML") from None
-    check_yaml_size(data, where)
-    return data
-
-
 # ----------------------------------------------------------------------------- loading
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise TBPSError(f"{path}: config file not found")
-    if path.stat().st_size > 1 << 20:
-        raise TBPSError(f"{path}: {path.stat().st_size:,} bytes is too large for a config (1 MiB at most)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise TBPSError(f"{path}: not a UTF-8 text file") from None
-    data = _safe_load(text, str(path)) or {}
+    data = load_yaml(path, "config file", tuples=False) or {}
     if not isinstance(data, dict):
         raise TBPSError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
     return data

@@ -308,9 +308,9 @@ def _irra_config(args: dict[str, Any], heads: dict[str, bool], arch: str, image_
 def _read_their_config(path: str | Path | None) -> dict[str, Any]:
     if not path:
         return {}
-    from tbps.safe_load import load_yaml
+    from tbps.safe_yaml import load_yaml
 
-    data = load_yaml(path)
+    data = load_yaml(path, "IRRA config")
     if not isinstance(data, dict):
         raise TBPSError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     return data

@@ -9,9 +9,8 @@ files hold (:data:`EXTRA_SAFE_TYPES`). A file that names anything else is refuse
 that names the type; there is no fallback to a full unpickle. TorchScript archives (OpenAI's CLIP
 ``.pt``) are checked by :func:`check_torchscript_archive` before ``torch.jit.load``.
 
-YAML configs of other projects are read with :func:`load_yaml` (``yaml.SafeLoader`` plus Python
-tuples, which ``yaml.dump`` writes for tuple-valued arguments); NumPy tables with
-``allow_pickle=False``.
+NumPy tables are read with ``allow_pickle=False``. YAML files (tbps recipes and other projects'
+configs) are read by :mod:`tbps.safe_yaml`, which needs no PyTorch.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from tbps.errors import TBPSError
 
@@ -141,30 +139,3 @@ def load_npy(path: str | Path, what: str = "NumPy array") -> np.ndarray:
         raise TBPSError(f"{path}: cannot read a {what} ({_first_line(exc)})") from None
     except Exception as exc:
         raise TBPSError(f"{path}: cannot read a {what} ({_first_line(exc)})") from None
-
-
-class _TupleSafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads ``!!python/tuple`` (as a list): ``yaml.dump(vars(args))``
-    writes it for tuple defaults such as IRRA's ``img_size``; no other Python tag is accepted."""
-
-
-_TupleSafeLoader.add_constructor(
-    "tag:yaml.org,2002:python/tuple",
-    lambda loader, node: loader.construct_sequence(node, deep=True),
-)
-
-
-def load_yaml(path: str | Path) -> Any:
-    """A YAML file of plain values (and tuples); any other Python tag is an error."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise TBPSError(f"{path}: file not found")
-    try:
-        return yaml.load(path.read_text(), Loader=_TupleSafeLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.constructor.ConstructorError as exc:
-        tag = getattr(exc, "problem", "") or str(exc)
-        raise TBPSError(f"{path}: refused: {tag.strip()} (only plain YAML values are read)") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise TBPSError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None

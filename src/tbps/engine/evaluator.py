@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from tbps.config import EvalConfig
-from tbps.data.images import ImagePathDataset
+from tbps.data.images import ImagePathDataset, collate_images
 from tbps.engine.distributed import resolve_device
 from tbps.engine.metrics import default_chunk_size, rank_metrics_from_scores
 from tbps.errors import TBPSError
@@ -130,14 +130,21 @@ class Evaluator:
         return {k: v.float() if v.is_floating_point() else v for k, v in _concat(outputs, "embed_texts").items()}
 
     def embed_gallery(self) -> Features:
-        """Every gallery image, decoded and embedded in batches of ``eval_cfg.batch_size``."""
+        """Every gallery image, decoded and embedded in batches of ``eval_cfg.batch_size``.
+
+        The protocol scores every image of the split, so an unreadable one is an error naming it
+        (the indexer, by contrast, skips and counts them)."""
         loader = DataLoader(ImagePathDataset(self.image_paths, self.image_transform), batch_size=self.cfg.batch_size,
-                            shuffle=False, num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+                            shuffle=False, num_workers=self.num_workers, collate_fn=collate_images,
+                            pin_memory=self.device.type == "cuda")
         outputs = []
         seen = 0
-        for indices, images in tqdm(loader, desc="embedding images", unit="batch", disable=not self.progress,
-                                    leave=False):
-            if int(indices[0]) != seen:
+        for indices, images, bad in tqdm(loader, desc="embedding images", unit="batch", disable=not self.progress,
+                                         leave=False):
+            if bad:
+                raise TBPSError(f"{bad[0][1]}; the evaluation needs every image of the split "
+                                f"(tbps data check lists every unusable one)")
+            if indices[0] != seen:
                 raise TBPSError("gallery images arrived out of order from the data loader")
             seen += len(indices)
             with self._autocast():

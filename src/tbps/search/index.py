@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from tbps import __version__
-from tbps.data.images import IMAGE_EXTENSIONS, load_image
+from tbps.data.images import IMAGE_EXTENSIONS, ImagePathDataset, collate_images
 from tbps.errors import TBPSError
 from tbps.io import atomic_path, write_text_atomic
 
@@ -222,34 +222,6 @@ class GalleryIndex:
 
 # ----------------------------------------------------------------------------- writing
 
-class _GalleryImages:
-    """``(position, image tensor or None)``: an unreadable file becomes None instead of an exception,
-    so one bad image cannot stop a long indexing run (in a worker process or not)."""
-
-    def __init__(self, paths: Sequence[str], transform) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, position: int):
-        try:
-            return position, self.transform(load_image(self.paths[position])), ""
-        except TBPSError as exc:
-            return position, None, str(exc)
-        except Exception as exc:  # a decoder or transform failure on a malformed file
-            return position, None, f"{self.paths[position]}: {type(exc).__name__}: {exc}"
-
-
-def _collate(items):
-    good = [(pos, image) for pos, image, _ in items if image is not None]
-    bad = [(pos, error) for pos, image, error in items if image is None]
-    positions = [pos for pos, _ in good]
-    images = torch.stack([image for _, image in good]) if good else None
-    return positions, images, bad
-
-
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
@@ -394,8 +366,8 @@ def _build_locked(checkpoint: str | os.PathLike, listed: list[str], image_root: 
     model.eval()
     # one DataLoader per shard keeps every shard's rows in one place and the loop resumable
     for shard_paths in _chunks(todo, shard_size):
-        loader = DataLoader(_GalleryImages(shard_paths, transform), batch_size=batch_size, shuffle=False,
-                            num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda")
+        loader = DataLoader(ImagePathDataset(shard_paths, transform), batch_size=batch_size, shuffle=False,
+                            num_workers=workers, collate_fn=collate_images, pin_memory=dev.type == "cuda")
         kept: list[str] = []
         outputs: dict[str, list[np.ndarray]] = {}
         for positions, batch, bad in loader:
