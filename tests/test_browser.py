@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -50,10 +51,9 @@ def chromium() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def server(chromium, tmp_path_factory):
-    """`python -m tbps serve` in a subprocess on a free loopback port; yields its base URL."""
-    index_dir = build_tiny_index(tmp_path_factory.mktemp("browser"))
+@contextmanager
+def served(index_dir):
+    """`python -m tbps serve` over ``index_dir`` in a subprocess on a free loopback port; yields its base URL."""
     port = free_port()
     log = open(index_dir.parent / "serve.log", "w+")
     process = subprocess.Popen([sys.executable, "-m", "tbps", "serve", "--index", str(index_dir), "--host",
@@ -82,6 +82,13 @@ def server(chromium, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(chromium, tmp_path_factory):
+    """The served tiny gallery index; yields its base URL."""
+    with served(build_tiny_index(tmp_path_factory.mktemp("browser"))) as base:
+        yield base
 
 
 @pytest.fixture

@@ -5,16 +5,11 @@ Runs like tests/test_browser.py (same Chromium lookup, skip and TBPS_REQUIRE_BRO
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
 import httpx
 import pytest
 
-from test_browser import chromium, page, wait_until  # noqa: F401  (fixtures)
+from test_browser import chromium, page, served, wait_until  # noqa: F401  (fixtures)
 from tiny_footage import build_tiny_footage_index
-from tiny_gallery import free_port
 
 pytestmark = pytest.mark.browser
 
@@ -22,33 +17,8 @@ pytestmark = pytest.mark.browser
 @pytest.fixture(scope="module")
 def footage_server(chromium, tmp_path_factory):  # noqa: F811
     index_dir, _ = build_tiny_footage_index(tmp_path_factory.mktemp("browser-footage"), source="videos")
-    port = free_port()
-    log = open(index_dir.parent / "serve.log", "w+")
-    process = subprocess.Popen([sys.executable, "-m", "tbps", "serve", "--index", str(index_dir), "--host",
-                                "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "warning"],
-                               stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"tbps serve exited with {process.returncode}: {log.read()[-2000:]}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "tbps serve did not answer /healthz within 120 s"
-            time.sleep(0.2)
+    with served(index_dir) as base:
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def test_click_on_a_hit_shows_its_frame_with_the_box(footage_server, page):  # noqa: F811
