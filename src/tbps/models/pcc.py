@@ -260,15 +260,20 @@ class PCC(TBPSModel):
             raise TBPSError("loss.cmr: CMR trains the fine branch, which is off (method.fine=false); set loss.cmr=0")
         self.inference_weights = opts.resolved_inference_weights()
         model_cfg = cfg.model
-        if model_cfg.image_backbone not in RESNET_NAMES:
-            raise TBPSError(f"model.image_backbone={model_cfg.image_backbone!r}: PCC uses a torchvision ResNet "
-                            f"({', '.join(RESNET_NAMES)})")
+        if model_cfg.image_backbone not in (*RESNET_NAMES, "mobilenet_v2"):
+            raise TBPSError(f"model.image_backbone={model_cfg.image_backbone!r}: PCC uses a torchvision CNN "
+                            f"({', '.join(RESNET_NAMES)}, mobilenet_v2)")
         if model_cfg.text_backbone != "hf":
             raise TBPSError("model.text_backbone: PCC uses a BERT-family text encoder (text_backbone: hf)")
         from tbps.models.backbones import build_text_encoder
 
-        self.image_encoder = build_resnet(model_cfg.image_backbone,
-                                          model_cfg.pretrained if load_pretrained else "", opts.last_stride)
+        if model_cfg.image_backbone in RESNET_NAMES and not model_cfg.image_frozen_layers:
+            self.image_encoder = build_resnet(model_cfg.image_backbone,
+                                              model_cfg.pretrained if load_pretrained else "", opts.last_stride)
+        else:  # MobileNetV2 or frozen blocks: the trunk of models/torchvision_encoder.py (same map)
+            from tbps.models.torchvision_encoder import trunk_from_config
+
+            self.image_encoder = trunk_from_config(model_cfg, load_pretrained, opts.last_stride)
         self.text_encoder = build_text_encoder(model_cfg, tokenizer, load_pretrained)
         self.set_backbone_prefixes(model_cfg)
         dim = self.embed_dim = int(model_cfg.embed_dim)
