@@ -203,3 +203,21 @@ def test_every_method_trains_a_step_on_mobilenet_v2(method, tokenizer):
         texts = model.embed_texts(token_ids)
         scores = model.similarity(texts, feats)
     assert scores.shape == (8, 8) and torch.isfinite(scores).all()
+
+
+def test_frozen_block_cache_gives_the_uncached_features():
+    trunk = tv.build_trunk("mobilenet_v2", "", 1, 14).eval()  # eval: BN rows independent of the batch
+    images = torch.randn(3, 3, 64, 32)
+    plain = trunk(images)
+    trunk.enable_frozen_cache()
+    first = trunk(images[:2])
+    assert len(trunk._cache) == 2
+    again = trunk(images)  # two rows from the cache, one computed
+    assert len(trunk._cache) == 3
+    torch.testing.assert_close(first, plain[:2])
+    torch.testing.assert_close(again, plain)
+    trunk.train()
+    trunk(images).sum().backward()  # the trained blocks above the cache still learn
+    assert all(p.grad is not None for p in trunk.blocks()[-1].parameters())
+    with pytest.raises(TBPSError, match="image_frozen_layers > 0"):
+        tv.build_trunk("mobilenet_v2", "", 1, 0).enable_frozen_cache()

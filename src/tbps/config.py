@@ -52,6 +52,7 @@ class ModelConfig:
     embed_dim: int = 512  # joint space width where the backbone does not fix it
     resnet_last_stride: int = 2  # CLIP ModifiedResNet / torchvision CNNs: 1 drops the last down-sampling (stride 16)
     image_frozen_layers: int = 0  # torchvision CNNs: this many lowest blocks stay fixed (MobileNetV2: of 19)
+    image_frozen_cache: bool = False  # with frozen blocks: keep their output per image (pays with data.augment=false)
     temperature: float = 0.02  # similarity scale 1/temperature in SDM / ITC / CMPM
 
 

@@ -18,7 +18,8 @@ from random weights in minutes. Two sources work offline:
 or every stage's map (``forward_stages``, what ACSA reads). ``last_stride=1`` removes the last
 down-sampling (MobileNetV2: block 14's depthwise conv; ResNet: layer4), for a finer grid at small
 input sizes (8x4 at 128x64 instead of 4x2). ``frozen_blocks`` keeps the lowest blocks fixed, in
-eval mode (BatchNorm statistics too) and without autograd, which is most of a CPU step's saving.
+eval mode (BatchNorm statistics too) and without autograd, which is most of a CPU step's saving;
+``model.image_frozen_cache`` also keeps their output per image (worth it without augmentation).
 
 :class:`TorchvisionImageEncoder` adds what the CLIP-style methods (IRRA, FCSA, CFFA, TextReID) read:
 an attention-pool head on the last map, as CLIP's ModifiedResNet has (a new module, trained at the
@@ -35,6 +36,7 @@ per-channel affine map, exact: ``x_in = (x_clip * std_clip + mean_clip - mean_in
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
 from collections.abc import Sequence
@@ -168,9 +170,51 @@ class TorchvisionTrunk(nn.Module):
                 stages.append(x)
         return {"stages": stages, "last": x}
 
+    # ------------------------------------------------------------------ frozen-block cache
+    cache_limit_bytes: int = 0  # > 0: the frozen blocks' output is kept per image (enable_frozen_cache)
+
+    def enable_frozen_cache(self, limit_bytes: int = 2 << 30) -> None:
+        """Run the frozen blocks once per distinct input image, then reuse their output.
+
+        Why: with the lower blocks fixed (eval-mode BatchNorm, no dropout), their output for an image
+        never changes, and on a CPU they are a large part of a step. Images are keyed by a hash of
+        their pixels, so this only pays when the same tensors come back: with ``data.augment: false``
+        (every epoch repeats each image) and at evaluation. The cache stops growing at ``limit_bytes``.
+        """
+        if self.frozen_blocks <= 0:
+            raise TBPSError("model.image_frozen_cache needs model.image_frozen_layers > 0")
+        self.cache_limit_bytes = int(limit_bytes)
+        self._cache: dict[bytes, Tensor] = {}
+        self._cache_bytes = 0
+
+    def _frozen_output(self, x: Tensor) -> Tensor:
+        """The frozen blocks' output for normalised input ``x``, from the cache where possible."""
+        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in x.detach().float().cpu()]
+        missing = sorted({i for i, key in enumerate(keys) if key not in self._cache})
+        computed: dict[int, Tensor] = {}
+        if missing:
+            with torch.no_grad():
+                h = x[torch.tensor(missing, device=x.device)]
+                for block in self.blocks()[:self.frozen_blocks]:
+                    h = block(h)
+            for j, i in enumerate(missing):
+                row = h[j].float().cpu()
+                computed[i] = row
+                size = row.numel() * 4
+                if self._cache_bytes + size <= self.cache_limit_bytes and keys[i] not in self._cache:
+                    self._cache[keys[i]] = row
+                    self._cache_bytes += size
+        rows = [computed[i] if i in computed else self._cache[key] for i, key in enumerate(keys)]
+        return torch.stack(rows).to(device=x.device, dtype=x.dtype)
+
     def forward(self, images: Tensor) -> Tensor:
         """The last feature map (B, out_channels, h, w)."""
-        return self.forward_stages(images)["last"]
+        if self.cache_limit_bytes <= 0:
+            return self.forward_stages(images)["last"]
+        x = self._frozen_output(images * self.input_scale.to(images.dtype) + self.input_shift.to(images.dtype))
+        for block in self.blocks()[self.frozen_blocks:]:
+            x = block(x)
+        return x
 
 
 class TrunkStages(nn.Module):
@@ -363,7 +407,10 @@ def trunk_from_config(model_cfg: Any, load_pretrained: bool = True, last_stride:
     """The trunk ``model.image_backbone`` names, ``model.pretrained`` read into it (unless a checkpoint follows)."""
     stride = int(getattr(model_cfg, "resnet_last_stride", 2)) if last_stride is None else int(last_stride)
     weights = model_cfg.pretrained if load_pretrained else ""
-    return build_trunk(model_cfg.image_backbone, weights, stride, int(getattr(model_cfg, "image_frozen_layers", 0)))
+    trunk = build_trunk(model_cfg.image_backbone, weights, stride, int(getattr(model_cfg, "image_frozen_layers", 0)))
+    if getattr(model_cfg, "image_frozen_cache", False):
+        trunk.enable_frozen_cache()
+    return trunk
 
 
 def build_torchvision_encoder(model_cfg: Any, image_size: Sequence[int], load_pretrained: bool = True) -> TorchvisionImageEncoder:
