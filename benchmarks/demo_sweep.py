@@ -58,6 +58,8 @@ def run(name: str, ids: int, threads: int, workers: int, data: Path, out: Path, 
 
 
 def table() -> None:
+    if not RESULTS.is_file():
+        raise SystemExit(f"{RESULTS}: no rows yet (run one with: demo_sweep.py run NAME key=value ...)")
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     print("| name | settings | val R1 by epoch | test R1 | test mAP | train min | pairs/s | load |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
@@ -79,11 +81,14 @@ def main() -> None:
     one.add_argument("--data", type=Path, default=Path("runs/demo_sweep/data"))
     one.add_argument("--out", type=Path, default=Path("runs/demo_sweep"))
     sub.add_parser("table", help="print the rows as a Markdown table")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # key=value overrides may follow the options
+    if args.command != "run" and extra or any("=" not in e for e in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "table":
         table()
     else:
-        print(json.dumps(run(args.name, args.ids, args.threads, args.workers, args.data, args.out, args.overrides)))
+        overrides = [*args.overrides, *extra]
+        print(json.dumps(run(args.name, args.ids, args.threads, args.workers, args.data, args.out, overrides)))
 
 
 if __name__ == "__main__":
