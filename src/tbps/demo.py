@@ -25,8 +25,8 @@ log = logging.getLogger("tbps.demo")
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # (identities, images per identity, epochs) for the full demo and --quick
-DEMO_SIZES = {"full": {"ids": 500, "images_per_id": 4, "epochs": 7},
-              "quick": {"ids": 200, "images_per_id": 4, "epochs": 5}}
+DEMO_SIZES = {"full": {"ids": 500, "images_per_id": 4, "epochs": 12},
+              "quick": {"ids": 200, "images_per_id": 4, "epochs": 8}}
 
 
 def demo_config_path() -> Path:
