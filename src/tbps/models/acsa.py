@@ -338,8 +338,13 @@ def _build_image_scales(cfg: Config, options: ACSAOptions, load_pretrained: bool
         backbone = build_swin(arch, cfg.data.image_size, weights, options.swin_embed_dim, options.swin_depths,
                               options.swin_heads, options.swin_window, options.drop_path)
         return SwinScales(backbone, int(cfg.model.embed_dim), options)
-    from tbps.models.backbones import ClipImageEncoder, build_image_encoder
+    from tbps.models.backbones import ClipImageEncoder, build_image_encoder, is_torchvision_backbone
 
+    if is_torchvision_backbone(arch):  # a CNN's stage maps serve as Swin's do
+        from tbps.models.torchvision_encoder import TrunkStages, trunk_from_config
+
+        return SwinScales(TrunkStages(trunk_from_config(cfg.model, load_pretrained)), int(cfg.model.embed_dim),
+                          options)
     encoder = build_image_encoder(cfg.model, tuple(cfg.data.image_size), load_pretrained)
     if not isinstance(encoder, ClipImageEncoder):
         raise TBPSError(f"model.image_backbone={arch!r}: ACSA needs a Swin (swin_*) or a CLIP ViT, "
@@ -393,7 +398,9 @@ class ACSA(TBPSModel):
             self.loss_weights.pop("cross_scale", None)
             if not self.loss_weights:
                 raise TBPSError("method.cross_attention=false leaves no loss: set loss.cmpm or loss.cmpc")
-        is_swin = cfg.model.image_backbone.startswith("swin")
+        from tbps.models.backbones import is_torchvision_backbone
+
+        is_swin = cfg.model.image_backbone.startswith("swin") or is_torchvision_backbone(cfg.model.image_backbone)
         if is_swin and cfg.model.text_backbone != "hf":
             raise TBPSError("model.text_backbone: a Swin image encoder needs text_backbone=hf (a BERT-family "
                             "encoder; the CLIP text tower comes with a CLIP image tower)")

@@ -62,6 +62,7 @@ __all__ = [
     "build_image_encoder",
     "build_text_encoder",
     "get_arch_config",
+    "is_torchvision_backbone",
     "interpolate_grid_pos_embed",
     "read_clip_weights",
     "resize_token_embedding",
@@ -484,6 +485,12 @@ def _resolve_quick_gelu(model_cfg: Any, meta: dict[str, Any] | None, arch_cfg: d
 
 # ----------------------------------------------------------------------------- image encoders
 
+def is_torchvision_backbone(arch: str) -> bool:
+    """True for the torchvision CNNs (``models/torchvision_encoder.py``), whose weights are not CLIP's."""
+    from tbps.models.torchvision_encoder import TORCHVISION_BACKBONES
+
+    return arch in TORCHVISION_BACKBONES
+
 def _hw(image_size: Sequence[int] | int) -> tuple[int, int]:
     if isinstance(image_size, int):
         return image_size, image_size
@@ -567,19 +574,10 @@ class ClipResNetEncoder(nn.Module):
         pool = net.attnpool
         seq = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
         seq = torch.cat([seq.mean(dim=1, keepdim=True), seq], dim=1) + pool.positional_embedding.to(seq.dtype)
-        kv = seq.transpose(0, 1)  # (N, B, C): F.multi_head_attention_forward is sequence-first
-        query = kv if return_attention else kv[:1]
-        pooled, attention = F.multi_head_attention_forward(
-            query=query, key=kv, value=kv, embed_dim_to_check=kv.shape[-1], num_heads=pool.num_heads,
-            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight,
-            v_proj_weight=pool.v_proj.weight, in_proj_weight=None,
-            in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
-            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
-            out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
-            use_separate_proj_weight=True, training=self.training,
-            need_weights=return_attention, average_attn_weights=True,
-        )
-        global_feat = pooled[0]
+        from tbps.models.torchvision_encoder import attention_pool
+
+        global_feat, attention = attention_pool(seq, pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj,
+                                                pool.num_heads, return_attention, self.training)
         spatial = pool.c_proj(pool.v_proj(seq[:, 1:]))
         tokens = torch.cat([global_feat[:, None], spatial], dim=1)
         out = {"tokens": tokens, "global": global_feat}
@@ -638,12 +636,18 @@ def _fit_image_state(state: dict[str, Tensor], tower: nn.Module, grid: tuple[int
 
 def build_image_encoder(model_cfg: Any, image_size: Sequence[int] | int, load_pretrained: bool = True,
                         _weights: tuple[dict[str, Tensor], dict[str, Any]] | None = None) -> nn.Module:
-    """CLIP image tower named by ``model_cfg.image_backbone`` for ``image_size`` = [height, width].
+    """Image encoder named by ``model_cfg.image_backbone`` for ``image_size`` = [height, width].
 
-    Loads ``model_cfg.pretrained`` when set (and ``load_pretrained``); position embeddings are
-    interpolated from the checkpoint's grid (mode ``model_cfg.pos_interpolation``, default bilinear).
+    A CLIP tower (open_clip / tiny architectures): loads ``model_cfg.pretrained`` when set (and
+    ``load_pretrained``); position embeddings are interpolated from the checkpoint's grid (mode
+    ``model_cfg.pos_interpolation``, default bilinear). A torchvision CNN (``mobilenet_v2``,
+    ``resnet18``...``resnet101``): ``models/torchvision_encoder.py``, ImageNet weights from a local file.
     """
     arch = model_cfg.image_backbone
+    if is_torchvision_backbone(arch):
+        from tbps.models.torchvision_encoder import build_torchvision_encoder
+
+        return build_torchvision_encoder(model_cfg, _hw(image_size), load_pretrained)
     arch_cfg = get_arch_config(arch)
     size = _hw(image_size)
     last_stride = int(getattr(model_cfg, "resnet_last_stride", 2))
@@ -1081,6 +1085,9 @@ def build_text_encoder(model_cfg: Any, tokenizer: Any, load_pretrained: bool = T
         return encoder
     if kind != "clip":
         raise TBPSError(f"model.text_backbone: expected 'clip' or 'hf', got {kind!r}")
+    if is_torchvision_backbone(model_cfg.image_backbone):
+        raise TBPSError(f"model.text_backbone: image_backbone={model_cfg.image_backbone!r} has no CLIP text "
+                        f"tower; use text_backbone=hf (e.g. text_pretrained: minilm)")
     weights = _weights
     if weights is None and load_pretrained and model_cfg.pretrained:
         weights = read_clip_weights(model_cfg.pretrained)
@@ -1091,7 +1098,7 @@ def build_clip(model_cfg: Any, image_size: Sequence[int] | int, tokenizer: Any,
                load_pretrained: bool = True) -> tuple[nn.Module, nn.Module]:
     """(image_encoder, text_encoder), reading the pretrained file once for both towers."""
     weights = None
-    if load_pretrained and model_cfg.pretrained:
+    if load_pretrained and model_cfg.pretrained and not is_torchvision_backbone(model_cfg.image_backbone):
         weights = read_clip_weights(model_cfg.pretrained)
     image_encoder = build_image_encoder(model_cfg, image_size, load_pretrained, _weights=weights)
     text_encoder = build_text_encoder(model_cfg, tokenizer, load_pretrained, _weights=weights)

@@ -69,7 +69,7 @@ class CFFAOptions(IRRAOptions):
 
     select_ratio: float = 0.3  # share of patches / words FLFR keeps, ranked by the global token's attention
     text_topk: str = "context"  # words kept: "context" (0.3 x (L-2), capped by the caption: code) or "caption"
-    text_attention_row: str = "auto"  # whose attention ranks words: "auto" (the global token), "eot", "cls"
+    text_attention_row: str = "auto"  # whose attention ranks words: "auto" (eot for end-token pooling, else cls), "eot", "cls"
     local_dim: int = 0  # width of the local embeddings; 0 = 2 x the joint width (1024 for ViT-B/16)
     mal_margin: float = 0.1
     mal_tau: float = 0.015
@@ -179,7 +179,8 @@ class CFFA(IRRA):
                                        | {self.sot_id, self.eot_id})
         row = opts.text_attention_row
         if row == "auto":
-            row = "cls" if getattr(self.text_encoder, "pooling", "eot") == "cls" else "eot"
+            # a BERT pooled by [CLS] or by the mean still has [CLS]; only end-token pooling ranks by the end token
+            row = "eot" if getattr(self.text_encoder, "pooling", "eot") == "eot" else "cls"
         self.text_attention_row = row
 
     # ------------------------------------------------------------------ FLFR

@@ -270,16 +270,22 @@ class PCC(TBPSModel):
         model_cfg = cfg.model
         from tbps.models.backbones import ClipImageEncoder, build_image_encoder, build_text_encoder
 
-        self.vit = model_cfg.image_backbone not in RESNET_NAMES
+        cnn_names = (*RESNET_NAMES, "mobilenet_v2")
+        self.vit = model_cfg.image_backbone not in cnn_names
         if self.vit:  # the paper's second backbone: a CLIP ViT's patch grid as the feature map
             encoder = build_image_encoder(model_cfg, tuple(cfg.data.image_size), load_pretrained)
             if not isinstance(encoder, ClipImageEncoder):
                 raise TBPSError(f"model.image_backbone={model_cfg.image_backbone!r}: PCC uses a torchvision "
-                                f"ResNet ({', '.join(RESNET_NAMES)}) or a CLIP ViT (e.g. ViT-B-16)")
+                                f"CNN ({', '.join(cnn_names)}) or a CLIP ViT (e.g. ViT-B-16)")
             self.image_encoder, channels, self.grid = encoder, int(encoder.output_dim), tuple(encoder.grid_size)
         else:
-            self.image_encoder = build_resnet(model_cfg.image_backbone,
-                                              model_cfg.pretrained if load_pretrained else "", opts.last_stride)
+            if model_cfg.image_backbone in RESNET_NAMES and not model_cfg.image_frozen_layers:
+                self.image_encoder = build_resnet(model_cfg.image_backbone,
+                                                  model_cfg.pretrained if load_pretrained else "", opts.last_stride)
+            else:  # MobileNetV2 or frozen blocks: the trunk of models/torchvision_encoder.py (same map)
+                from tbps.models.torchvision_encoder import trunk_from_config
+
+                self.image_encoder = trunk_from_config(model_cfg, load_pretrained, opts.last_stride)
             channels, self.grid = self.image_encoder.out_channels, resnet_grid(cfg.data.image_size, opts.last_stride)
         if model_cfg.text_backbone != "hf" and not (self.vit and model_cfg.text_backbone == "clip"):
             raise TBPSError("model.text_backbone: PCC uses a BERT-family text encoder (text_backbone: hf), or "

@@ -182,6 +182,7 @@ class TextReID(TBPSModel):
 
     def __init__(self, cfg: Config, num_classes: int, tokenizer, load_pretrained: bool = True) -> None:
         super().__init__()
+        from tbps.models import backbones as B
         from tbps.models.backbones import build_image_encoder, read_clip_weights
 
         self.options: TextReIDOptions = build_dataclass(TextReIDOptions, cfg.method, "method")
@@ -192,7 +193,7 @@ class TextReID(TBPSModel):
             raise TBPSError(f"model.embed_dim must be >= 1, got {dim}")
         self.embed_dim = dim
         clip_weights = None
-        if load_pretrained and cfg.model.pretrained:
+        if load_pretrained and cfg.model.pretrained and not B.is_torchvision_backbone(cfg.model.image_backbone):
             clip_weights = read_clip_weights(cfg.model.pretrained)  # read once: image tower + token table
         self.image_encoder = build_image_encoder(cfg.model, tuple(cfg.data.image_size), load_pretrained,
                                                  _weights=clip_weights)
