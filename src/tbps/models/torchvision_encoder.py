@@ -108,14 +108,9 @@ class TorchvisionTrunk(nn.Module):
             if last_stride == 1:
                 self.backbone[14].conv[1][0].stride = (1, 1)  # the last stride-2 depthwise conv
         else:
-            net = getattr(models, arch)(weights=None)
-            net.fc = None  # classifier and its pooling unused
-            net.avgpool = None
-            if last_stride == 1:
-                for module in net.layer4[0].modules():
-                    if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
-                        module.stride = (1, 1)
-            self.backbone = net
+            from tbps.models.resnet import resnet_trunk
+
+            self.backbone = resnet_trunk(arch, self.last_stride)
             self.stage_ends = (1, 2, 3, 4)
         self.stage_dims = [self._block_channels(i) for i in self.stage_ends]
         self.stage_strides = [4, 8, 16, 32] if arch in RESNETS else [2, 4, 8, 16, 32]
