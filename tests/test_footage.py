@@ -20,6 +20,7 @@ from tbps.footage.ingest import find_sources, sample_video
 from tbps.footage.scenes import load_annotations, render_frame
 
 from tiny_footage import CAMERAS, build_tiny_footage_index, make_scenes
+from tiny_models import RunsCode
 
 
 @pytest.fixture(scope="module")
@@ -398,8 +399,13 @@ def test_torchvision_detector_refuses_other_files(tmp_path):
     with pytest.raises(TBPSError, match=r"ssd.pth: not fasterrcnn_mobilenet_v3_large_320_fpn weights"):
         detect.build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", str(tmp_path / "ssd.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a weight file")
-    with pytest.raises(TBPSError, match="junk.pth: not a torchvision weight file"):
+    with pytest.raises(TBPSError, match="junk.pth: cannot read a torchvision weight file"):
         detect.build_detector("ssdlite320_mobilenet_v3_large", str(tmp_path / "junk.pth"))
+    marker = tmp_path / "ran"
+    torch.save({"x": RunsCode(str(marker))}, tmp_path / "evil.pth")  # unpickling it would create marker
+    with pytest.raises(TBPSError, match="evil.pth: refused: .* could run code"):
+        detect.build_detector("ssdlite320_mobilenet_v3_large", str(tmp_path / "evil.pth"))
+    assert not marker.exists()
     with pytest.raises(TBPSError, match="detector 'yolo'"):
         detect.build_detector("yolo")
 

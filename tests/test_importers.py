@@ -9,7 +9,6 @@ argument entries their checkpointers save next to ``model``.
 from __future__ import annotations
 
 import argparse
-import builtins
 import copy
 from collections import OrderedDict
 from pathlib import Path
@@ -28,6 +27,7 @@ from tbps.errors import TBPSError
 from tbps.importers import export_irra, export_textreid, import_checkpoint
 from tbps.models.backbones import get_arch_config
 from tbps.safe_load import load_torch_file
+from tiny_models import RunsCode
 
 CAPTIONS = ["a woman in a red coat carrying a black bag", "a man with a grey hoodie and jeans"]
 
@@ -262,22 +262,13 @@ def test_foreign_file_is_one_line(tmp_path, source):
     assert "\n" not in str(info.value) and "notes.pth" in str(info.value)
 
 
-class _RunsCode:
-    """Unpickling this opens (creates) a file: the side effect that must never happen."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (builtins.open, (str(self.marker), "w"))
-
 
 @pytest.mark.parametrize("source", ["irra", "textreid", "clip"])
 def test_file_whose_unpickling_would_run_code_is_refused_and_nothing_runs(tmp_path, source):
     path, _, _ = save_irra_checkpoint(tmp_path, with_config=False)
     ckpt = torch.load(path, weights_only=True)
     marker = tmp_path / "code_ran"
-    ckpt["arguments"] = _RunsCode(marker)
+    ckpt["arguments"] = RunsCode(marker)
     torch.save(ckpt, path)
     with pytest.raises(TBPSError) as info:
         import_checkpoint(source, path, tmp_path / "m.pt", vocab=tmp_path / "v.npy")
@@ -293,8 +284,8 @@ def test_safe_loader_is_the_one_every_reader_uses(tmp_path):
     """A tbps checkpoint and a weights file with the same payload are refused the same way."""
     marker = tmp_path / "code_ran"
     bad = tmp_path / "bad.pt"
-    torch.save({"model": {}, "config": {}, "num_classes": 1, "x": _RunsCode(marker)}, bad)
-    torch.save({"x": _RunsCode(marker)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save({"model": {}, "config": {}, "num_classes": 1, "x": RunsCode(marker)}, bad)
+    torch.save({"x": RunsCode(marker)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     from tbps.models.backbones import read_clip_weights
 
     for reader in (read_checkpoint, read_clip_weights, load_torch_file):

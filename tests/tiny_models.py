@@ -63,3 +63,14 @@ def tiny_config(name: str, loss: dict | None, method: dict, *, image_backbone: s
 def total_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
     """The sum of a forward pass's ``loss_*`` terms (the trainer weights them inside the model)."""
     return sum(v for k, v in out.items() if k.startswith("loss_"))
+
+
+class RunsCode:
+    """Unpickling this calls ``open(marker, "w")``, creating the file: the side effect a safe loader must
+    never let happen. Save one inside a weight file to test that the file is refused."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

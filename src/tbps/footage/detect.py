@@ -126,14 +126,12 @@ def torchvision_cache_file(arch: str) -> Path:
 
 
 def _load_state_dict(path: Path) -> dict[str, Any]:
-    import torch
+    """The file's tensors, read by the one safe loader (a file that would run code is refused)."""
+    from tbps.safe_load import load_torch_file
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TBPSError(f"{path}: detector weight file not found") from None
-    except Exception as exc:  # pickle/zip errors on a file that is not a state dict
-        raise TBPSError(f"{path}: not a torchvision weight file ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not Path(path).expanduser().exists():
+        raise TBPSError(f"{path}: detector weight file not found")
+    state = load_torch_file(path, "torchvision weight file")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a training checkpoint holding the model's state dict
     if not isinstance(state, dict) or not state or not all(hasattr(v, "shape") for v in state.values()):

