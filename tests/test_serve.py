@@ -10,6 +10,7 @@ import re
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -176,10 +177,10 @@ def test_an_indexed_image_whose_file_is_gone_is_a_404(client, searcher):
     assert client.get("/images/0").status_code == 200
 
 
-def test_raw_traversal_over_a_real_socket(searcher, secret):
-    """No client-side URL normalisation here: the request line goes to uvicorn as written."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(searcher), host="127.0.0.1", port=port, log_level="warning"))
+@contextmanager
+def running(config: uvicorn.Config):
+    """A real uvicorn server for ``config`` in a thread, for socket-level tests; stopped on exit."""
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -187,6 +188,16 @@ def test_raw_traversal_over_a_real_socket(searcher, secret):
         while not server.started:
             assert time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.05)
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_raw_traversal_over_a_real_socket(searcher, secret):
+    """No client-side URL normalisation here: the request line goes to uvicorn as written."""
+    port = free_port()
+    with running(uvicorn.Config(create_app(searcher), host="127.0.0.1", port=port, log_level="warning")):
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["gallery_size"] == NUM_IMAGES
         for target in ["/images/../secret.txt", "/images/../../secret.txt", "/images/0/../../secret.txt",
                        "/images/..\\secret.txt", "/../secret.txt"]:
@@ -197,9 +208,6 @@ def test_raw_traversal_over_a_real_socket(searcher, secret):
                     reply += chunk
             assert reply.split(b"\r\n", 1)[0] in (b"HTTP/1.1 404 Not Found", b"HTTP/1.1 400 Bad Request"), target
             assert secret not in reply
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -393,14 +401,7 @@ def test_a_client_that_sends_its_headers_slowly_is_disconnected(searcher):
     port = free_port()
     config = uvicorn.Config(create_app(searcher), host="127.0.0.1", port=port, log_level="warning",
                             http=header_timeout_protocol(0.5), timeout_keep_alive=1)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
+    with running(config):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
             started = time.monotonic()
             closed = False
@@ -425,6 +426,3 @@ def test_a_client_that_sends_its_headers_slowly_is_disconnected(searcher):
                 reply += chunk
                 assert time.monotonic() - started < 3, "an idle keep-alive connection stayed open"
             assert reply.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in reply
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

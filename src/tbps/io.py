@@ -8,12 +8,25 @@ full disk is a one-line :class:`~tbps.errors.TBPSError` naming the file (the pre
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def read_json(path: str | os.PathLike, what: str, missing: str | None = None) -> Any:
+    """The JSON in ``path``; a missing or unreadable file is a one-line error naming it and ``what`` it
+    should hold (``missing`` replaces "WHAT not found" where a hint says how to make the file)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TBPSError(f"{path}: {missing or what + ' not found'}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TBPSError(f"{path}: unreadable {what} ({exc})") from None
 
 
 def _umask() -> int:

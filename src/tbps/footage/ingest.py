@@ -38,7 +38,7 @@ from PIL import Image
 from tbps.data.images import IMAGE_EXTENSIONS, load_image
 from tbps.errors import TBPSError
 from tbps.footage.detect import Detector, FrameRef, clip_box
-from tbps.io import atomic_path
+from tbps.io import atomic_path, read_json
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,7 @@ def parse_time(value: Any, what: str) -> float:
 def read_footage_manifest(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The ``sources`` of a footage manifest, each checked (camera, start, fps)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TBPSError(f"{path}: footage manifest not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TBPSError(f"{path}: unreadable footage manifest ({exc})") from None
+    data = read_json(path, "footage manifest")
     sources = data.get("sources") if isinstance(data, dict) else None
     if not isinstance(sources, dict):
         raise TBPSError(f"{path}: a footage manifest is {{\"sources\": {{\"<video or folder>\": {{\"camera\": ...}}}}}}")

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from tbps.data import synth
 from tbps.errors import TBPSError
-from tbps.io import atomic_path, write_text_atomic
+from tbps.io import atomic_path, read_json, write_text_atomic
 
 ANNOTATIONS = "annotations.json"
 MANIFEST = "footage.json"
@@ -249,12 +249,7 @@ def load_annotations(root: str | Path) -> dict[str, Any]:
     """``annotations.json`` of a scenes folder (a one-line error when it is missing or not one)."""
     path = Path(root)
     path = path / ANNOTATIONS if path.is_dir() else path
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TBPSError(f"{path}: no scene annotations (write them with tbps synth --scenes)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TBPSError(f"{path}: unreadable scene annotations ({exc})") from None
+    data = read_json(path, "scene annotations", missing="no scene annotations (write them with tbps synth --scenes)")
     if not isinstance(data, dict) or data.get("format") != "tbps-scenes":
         raise TBPSError(f"{path}: not a tbps scenes annotation file")
     return data
