@@ -13,8 +13,8 @@ from tbps.data.tokenizers import build_tokenizer
 from tbps.errors import TBPSError
 from tbps.losses import cmpc_loss, cross_scale_loss
 from tbps.models import build_model
-from tbps.models.acsa import ACSA, blocked_cross_scale_similarity, cross_scale_similarity
-from tbps.models.swin import build_swin
+from tbps.models.methods.acsa import ACSA, blocked_cross_scale_similarity, cross_scale_similarity
+from tbps.models.backbones.swin import build_swin
 from tiny_models import tiny_config as base_config
 
 TINY_SWIN = {"swin_embed_dim": 16, "swin_depths": [1, 1, 1, 1], "swin_heads": [1, 1, 2, 2], "swin_window": 4}
@@ -308,7 +308,7 @@ def test_options_are_checked_with_one_line_errors(tokenizer):
 
 def test_cmpm_is_gated_below_half_as_the_authors_code(tokenizer, monkeypatch):
     """utils/metric.py Loss.forward: total = 4 CMPC + 0.1 cont, plus CMPM only while CMPM >= 0.5."""
-    import tbps.models.acsa as acsa_module
+    import tbps.models.methods.acsa as acsa_module
 
     model = build_model(acsa_config(), 2, tokenizer)
     model.loss_weights = {"cmpm": 1.0, "cmpc": 4.0, "cross_scale": 0.1}
@@ -325,7 +325,7 @@ def test_cmpm_is_gated_below_half_as_the_authors_code(tokenizer, monkeypatch):
 def test_channel_regions_are_the_authors_chunks_of_the_global_vector(tokenizer):
     """models/model.py: residual block on the global vector, six chunks, head = 1-2, upper = 2-3,
     lower = 4-5, feet = 6, each Linear + ReLU (+ dropout) to D; they take the region slots."""
-    from tbps.models.acsa import ChannelRegions
+    from tbps.models.methods.acsa import ChannelRegions
 
     torch.manual_seed(0)
     regions = ChannelRegions(12).eval()

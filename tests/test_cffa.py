@@ -13,7 +13,7 @@ from tbps.config import Config, load_config
 from tbps.errors import TBPSError
 from tbps.losses import mal_loss, mal_negative_scale
 from tbps.models import METHODS, build_model
-from tbps.models.cffa import CFFA, CFFAOptions, FLFRHead, select_top_tokens
+from tbps.models.methods.cffa import CFFA, CFFAOptions, FLFRHead, select_top_tokens
 from tbps.models.masking import augment_tokens
 from test_irra import synthetic_pairs
 from tiny_models import EOT, LENGTH, MASK, PAD, SOT, TOKENIZER, total_loss

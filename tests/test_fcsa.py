@@ -14,7 +14,7 @@ from tbps.errors import TBPSError
 from tbps.losses import cmrs_triplet_loss
 from tbps.models import METHODS, build_model
 from tbps.models.base import TBPSModel
-from tbps.models.fcsa import (FCSA, FCSAOptions, patch_pixel_mask, ratio_counts, select_by_saliency)
+from tbps.models.methods.fcsa import (FCSA, FCSAOptions, patch_pixel_mask, ratio_counts, select_by_saliency)
 
 from tiny_models import EOT, LENGTH, MASK, PAD, SOT, TOKENIZER, random_token_ids, total_loss
 from tiny_models import tiny_config as base_config

@@ -10,7 +10,7 @@ import torch
 from tbps.config import Config
 from tbps.errors import TBPSError
 from tbps.models import METHODS, build_model
-from tbps.models.irra import IRRA, IRRAOptions
+from tbps.models.methods.irra import IRRA, IRRAOptions
 from tiny_models import TOKENIZER, random_token_ids, total_loss
 from tiny_models import tiny_config as base_config
 
@@ -194,7 +194,7 @@ def test_paper_recipes_feed_masked_captions_to_the_global_losses(method, dataset
     from pathlib import Path
 
     from tbps.config import load_config
-    from tbps.models.irra import IRRAOptions
+    from tbps.models.methods.irra import IRRAOptions
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"{method}_{dataset}.yaml")
     assert cfg.method["mask_global_text"] is True

@@ -20,7 +20,7 @@ from tbps.engine.optim import build_optimizer
 from tbps.errors import TBPSError
 from tbps.losses import global_align_loss, instance_loss, queue_infonce_loss
 from tbps.models import METHODS, build_model
-from tbps.models.textreid import TextReID
+from tbps.models.methods.textreid import TextReID
 from tiny_models import EOT, PAD, clip_tokenizer, random_token_ids, total_loss
 from tiny_models import tiny_config as base_config
 

@@ -14,7 +14,7 @@ from torch import nn
 from tbps.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from tbps.errors import TBPSError
 from tbps.models import build_model
-from tbps.models import torchvision_encoder as tv
+from tbps.models.backbones import torchvision_encoder as tv
 from tiny_models import RunsCode, tiny_config, total_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -429,7 +429,7 @@ def import_textreid(path: str | Path, config: str | Path | None = None, vocab: s
     ``vocab`` is the frozen word table the GRU reads, which their checkpoint does not hold: their
     ``clip_vocab_vit.npy`` (or CLIP ViT weights, whose token table it is).
     """
-    from tbps.models.textreid import read_word_table
+    from tbps.models.methods.textreid import read_word_table
     from tbps.safe_load import load_torch_file
 
     path = Path(path)

@@ -39,12 +39,12 @@ def build_model(cfg: "Config", num_classes: int, tokenizer, load_pretrained: boo
 
 
 # one line per method module: importing it registers the method
-from tbps.models import irra  # noqa: E402,F401
-from tbps.models import fcsa  # noqa: E402,F401
-from tbps.models import cffa  # noqa: E402,F401
-from tbps.models import textreid  # noqa: E402,F401
-from tbps.models import pcc  # noqa: E402,F401
-from tbps.models import acsa  # noqa: E402,F401
-from tbps.models import clip  # noqa: E402,F401
+from tbps.models.methods import irra  # noqa: E402,F401
+from tbps.models.methods import fcsa  # noqa: E402,F401
+from tbps.models.methods import cffa  # noqa: E402,F401
+from tbps.models.methods import textreid  # noqa: E402,F401
+from tbps.models.methods import pcc  # noqa: E402,F401
+from tbps.models.methods import acsa  # noqa: E402,F401
+from tbps.models.methods import clip  # noqa: E402,F401
 
 __all__ = ["METHODS", "TBPSModel", "build_model"]

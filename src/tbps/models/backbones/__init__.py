@@ -49,7 +49,7 @@ from torch.utils.checkpoint import checkpoint
 from tbps.data.tokenizers import caption_valid_mask
 from tbps.errors import TBPSError
 
-ARCH_DIR = Path(__file__).parent / "arch"
+ARCH_DIR = Path(__file__).parent.parent / "arch"
 _STATE_KEYS_TO_DROP = ("input_resolution", "context_length", "vocab_size", "logit_scale", "logit_bias")
 
 __all__ = [
@@ -487,7 +487,7 @@ def _resolve_quick_gelu(model_cfg: Any, meta: dict[str, Any] | None, arch_cfg: d
 
 def is_torchvision_backbone(arch: str) -> bool:
     """True for the torchvision CNNs (``models/torchvision_encoder.py``), whose weights are not CLIP's."""
-    from tbps.models.torchvision_encoder import TORCHVISION_BACKBONES
+    from tbps.models.backbones.torchvision_encoder import TORCHVISION_BACKBONES
 
     return arch in TORCHVISION_BACKBONES
 
@@ -574,7 +574,7 @@ class ClipResNetEncoder(nn.Module):
         pool = net.attnpool
         seq = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
         seq = torch.cat([seq.mean(dim=1, keepdim=True), seq], dim=1) + pool.positional_embedding.to(seq.dtype)
-        from tbps.models.torchvision_encoder import attention_pool
+        from tbps.models.backbones.torchvision_encoder import attention_pool
 
         global_feat, attention = attention_pool(seq, pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj,
                                                 pool.num_heads, return_attention, self.training)
@@ -645,7 +645,7 @@ def build_image_encoder(model_cfg: Any, image_size: Sequence[int] | int, load_pr
     """
     arch = model_cfg.image_backbone
     if is_torchvision_backbone(arch):
-        from tbps.models.torchvision_encoder import build_torchvision_encoder
+        from tbps.models.backbones.torchvision_encoder import build_torchvision_encoder
 
         return build_torchvision_encoder(model_cfg, _hw(image_size), load_pretrained)
     arch_cfg = get_arch_config(arch)

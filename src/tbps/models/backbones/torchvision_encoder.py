@@ -108,7 +108,7 @@ class TorchvisionTrunk(nn.Module):
             if last_stride == 1:
                 self.backbone[14].conv[1][0].stride = (1, 1)  # the last stride-2 depthwise conv
         else:
-            from tbps.models.resnet import resnet_trunk
+            from tbps.models.backbones.resnet import resnet_trunk
 
             self.backbone = resnet_trunk(arch, self.last_stride)
             self.stage_ends = (1, 2, 3, 4)
@@ -268,7 +268,7 @@ def load_trunk_weights(trunk: TorchvisionTrunk, pretrained: str | Path) -> Path:
     mis-shaped is a one-line error naming the file: it holds another architecture.
     """
     from tbps.models.backbones import check_state_dict
-    from tbps.models.resnet import read_state_dict
+    from tbps.models.backbones.resnet import read_state_dict
 
     if str(pretrained) == PACKAGE_WEIGHTS:
         if trunk.arch != "mobilenet_v2":
@@ -356,7 +356,7 @@ class TorchvisionImageEncoder(nn.Module):
 
     def __init__(self, trunk: TorchvisionTrunk, image_size: tuple[int, int], width: int) -> None:
         super().__init__()
-        from tbps.models.resnet import resnet_grid
+        from tbps.models.backbones.resnet import resnet_grid
 
         self.backbone = trunk
         self.arch = trunk.arch

@@ -332,7 +332,7 @@ class ClipViTScales(_ActivationMixin, nn.Module):
 def _build_image_scales(cfg: Config, options: ACSAOptions, load_pretrained: bool) -> nn.Module:
     arch = cfg.model.image_backbone
     if arch.startswith("swin"):
-        from tbps.models.swin import build_swin
+        from tbps.models.backbones.swin import build_swin
 
         weights = cfg.model.pretrained if load_pretrained else ""
         backbone = build_swin(arch, cfg.data.image_size, weights, options.swin_embed_dim, options.swin_depths,
@@ -341,7 +341,7 @@ def _build_image_scales(cfg: Config, options: ACSAOptions, load_pretrained: bool
     from tbps.models.backbones import ClipImageEncoder, build_image_encoder, is_torchvision_backbone
 
     if is_torchvision_backbone(arch):  # a CNN's stage maps serve as Swin's do
-        from tbps.models.torchvision_encoder import TrunkStages, trunk_from_config
+        from tbps.models.backbones.torchvision_encoder import TrunkStages, trunk_from_config
 
         return SwinScales(TrunkStages(trunk_from_config(cfg.model, load_pretrained)), int(cfg.model.embed_dim),
                           options)

@@ -1,6 +1,6 @@
 """CFFA: cross-modal fine-grained feature alignment for text-based person re-identification.
 
-Built on IRRA (:class:`tbps.models.irra.IRRA`, subclassed: same encoders, ID classifier and IRR
+Built on IRRA (:class:`tbps.models.methods.irra.IRRA`, subclassed: same encoders, ID classifier and IRR
 branch). What CFFA adds, as ``../shared/docs/methods.md`` describes it and the authors' public code
 (lqfhello/CFFA) implements it:
 
@@ -56,7 +56,7 @@ from tbps.data.tokenizers import caption_valid_mask
 from tbps.errors import TBPSError
 from tbps.losses import cmpm_loss, itc_loss, mal_loss, mal_negative_scale, sdm_loss
 from tbps.models import METHODS
-from tbps.models.irra import IRRA, IRRAOptions
+from tbps.models.methods.irra import IRRA, IRRAOptions
 from tbps.models.masking import augment_tokens
 
 ALIGNMENT_LOSSES = ("mal", "sdm", "itc", "cmpm")  # each applied to the global and to the local pair

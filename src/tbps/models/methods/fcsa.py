@@ -64,7 +64,7 @@ from tbps.errors import TBPSError
 from tbps.losses import cmrs_triplet_loss, mlm_loss
 from tbps.models import METHODS
 from tbps.models.base import parse_loss_weights
-from tbps.models.irra import IRRA, IRRAOptions
+from tbps.models.methods.irra import IRRA, IRRAOptions
 from tbps.models.layers import CrossModalTransformer, MLMHead
 from tbps.models.masking import mask_tokens
 

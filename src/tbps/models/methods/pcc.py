@@ -85,7 +85,7 @@ from tbps.losses import (CMR_COMMONALITY, cmr_loss, cmr_margins, cmr_pair_margin
                          ranking_loss)
 from tbps.models import METHODS
 from tbps.models.base import TBPSModel, parse_loss_weights
-from tbps.models.resnet import RESNET_NAMES, build_resnet, resnet_grid
+from tbps.models.backbones.resnet import RESNET_NAMES, build_resnet, resnet_grid
 
 PCC_LOSSES = ("id", "rank", "cmr")
 BRANCHES = ("global", "coarse", "fine")
@@ -283,7 +283,7 @@ class PCC(TBPSModel):
                 self.image_encoder = build_resnet(model_cfg.image_backbone,
                                                   model_cfg.pretrained if load_pretrained else "", opts.last_stride)
             else:  # MobileNetV2 or frozen blocks: the trunk of models/torchvision_encoder.py (same map)
-                from tbps.models.torchvision_encoder import trunk_from_config
+                from tbps.models.backbones.torchvision_encoder import trunk_from_config
 
                 self.image_encoder = trunk_from_config(model_cfg, load_pretrained, opts.last_stride)
             channels, self.grid = self.image_encoder.out_channels, resnet_grid(cfg.data.image_size, opts.last_stride)
