@@ -152,7 +152,6 @@ def test_synth_name_reads_the_cuhk_layout(tmp_path):
 
 def test_register_dataset_for_user_data(tmp_path):
     class MyPeople(JsonAnnotationDataset):
-        dataset_name = "my-people"
         annotation_names = ("people.json",)
         path_field = "image"
         image_dir = "photos"
@@ -164,6 +163,7 @@ def test_register_dataset_for_user_data(tmp_path):
         ds = load_dataset("my-people-test", root)
         assert ds.train[0].image_path.endswith("photos/a.jpg")
         assert "my-people-test" in DATASETS.names()
+        assert ds.name == MyPeople.name == "my-people-test"  # one name: the registered one
     finally:
         DATASETS._items.pop("my-people-test", None)
 

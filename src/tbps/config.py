@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import math
 import os
 import re
@@ -111,6 +112,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     method: dict[str, Any] = field(default_factory=dict)  # method-specific options
+    imports: list[str] = field(default_factory=list)  # user modules imported before the registries are read
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -330,11 +332,33 @@ def build_dataclass(cls: type, data: Any, where: str = "") -> Any:
     return cls(**kwargs)
 
 
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def import_user_modules(modules: list[str], where: str) -> None:
+    """Import the modules a recipe names under ``imports:``, so what they register is known.
+
+    A recipe's ``imports: [my_package.data]`` is how ``tbps train`` sees a dataset or method
+    registered in the user's own code (``@DATASETS.register("my-people")``). Only a recipe the user
+    runs imports anything: a checkpoint's saved config never does (a file must not run code).
+    """
+    for module in modules:
+        if not _MODULE_NAME.fullmatch(module):
+            raise TBPSError(f"{where}: imports: {module!r} is not a Python module name (e.g. my_package.data)")
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's module is one line
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            raise TBPSError(f"{where}: imports: cannot import {module!r} ({type(exc).__name__}: {reason})") from None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a recipe (with its bases), apply ``key=value`` overrides, and validate every key."""
+    """Read a recipe (with its bases), apply ``key=value`` overrides, import ``imports:``, validate every key."""
     data = _load_with_bases(Path(path)) if path else {}
     data = apply_overrides(data, overrides or [])
-    return validate_config(build_dataclass(Config, data))
+    cfg = build_dataclass(Config, data)
+    import_user_modules(cfg.imports, str(path) if path else "overrides")
+    return validate_config(cfg)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -199,10 +199,11 @@ def _gc_paused() -> Iterator[None]:
 class JsonAnnotationDataset(PersonSearchDataset):
     """A dataset in the CUHK-PEDES family layout: ``root/<annotation>.json`` and ``root/imgs/``.
 
-    Subclass it and set the class attributes to add another dataset in the same layout.
+    Subclass it, set the class attributes and register it (``@DATASETS.register("my-people")`` or
+    :func:`register_dataset`) to add another dataset in the same layout; the registry sets ``name``.
     """
 
-    dataset_name: str = "json"
+    name: str = "json"  # replaced by the registered name
     annotation_names: tuple[str, ...] = ("reid_raw.json",)  # first one found wins
     path_field: str = "file_path"
     image_dir: str = "imgs"
@@ -219,7 +220,7 @@ class JsonAnnotationDataset(PersonSearchDataset):
         with _gc_paused():  # 80k records x several objects: the cyclic GC would rescan them repeatedly
             records = _read_annotation_list(annotation)
             train, val, test = parse_records(records, annotation, root / self.image_dir, self.path_field)
-        super().__init__(self.dataset_name, root, annotation, train, val, test)
+        super().__init__(self.name, root, annotation, train, val, test)
 
     @classmethod
     def find_annotation(cls, root: Path) -> Path:
@@ -227,7 +228,7 @@ class JsonAnnotationDataset(PersonSearchDataset):
             if (root / name).is_file():
                 return root / name
         names = " or ".join(cls.annotation_names)
-        raise TBPSError(f"{root}: no {names} here (--root must be the {cls.dataset_name} folder "
+        raise TBPSError(f"{root}: no {names} here (--root must be the {cls.name} folder "
                         f"holding the annotation file and {cls.image_dir}/)")
 
 
@@ -239,7 +240,6 @@ class CUHKPEDES(JsonAnnotationDataset):
     one record per caption; see :func:`parse_textreid_layout`).
     """
 
-    dataset_name = "cuhk-pedes"
     annotation_names = ("reid_raw.json",)
     path_field = "file_path"
 
@@ -250,7 +250,7 @@ class CUHKPEDES(JsonAnnotationDataset):
             folder = folder.resolve()
             with _gc_paused():
                 train, val, test = parse_textreid_layout(folder, self.image_dir)
-            PersonSearchDataset.__init__(self, self.dataset_name, folder, folder / TEXTREID_ANNOTATIONS,
+            PersonSearchDataset.__init__(self, self.name, folder, folder / TEXTREID_ANNOTATIONS,
                                          train, val, test)
             return
         super().__init__(root)
@@ -347,7 +347,6 @@ def parse_textreid_layout(root: Path, image_dir: str = "imgs"
 class ICFGPEDES(JsonAnnotationDataset):
     """ICFG-PEDES: ``ICFG_PEDES.json`` (some copies say ``ICFG-PEDES.json``), no val split."""
 
-    dataset_name = "icfg-pedes"
     annotation_names = ("ICFG_PEDES.json", "ICFG-PEDES.json")
     path_field = "file_path"
 
@@ -356,7 +355,6 @@ class ICFGPEDES(JsonAnnotationDataset):
 class RSTPReid(JsonAnnotationDataset):
     """RSTPReid: ``data_captions.json`` with the image path in ``img_path``."""
 
-    dataset_name = "rstpreid"
     annotation_names = ("data_captions.json",)
     path_field = "img_path"
 
@@ -364,8 +362,6 @@ class RSTPReid(JsonAnnotationDataset):
 @DATASETS.register("synth")
 class SynthPEDES(CUHKPEDES):
     """A folder written by ``tbps synth``: the CUHK-PEDES layout, read by the CUHK-PEDES parser."""
-
-    dataset_name = "synth"
 
 
 def register_dataset(name: str, cls: Callable[[Path], PersonSearchDataset]) -> None:

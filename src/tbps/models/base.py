@@ -25,7 +25,10 @@ class TBPSModel(nn.Module):
     base`` (IRRA's solver); ``fixed_lr``: parameter-name prefix -> a fixed base lr (CFFA's FLFR).
     ``options``: the method's resolved ``cfg.method`` dataclass; ``build_model`` writes it back
     into the config, so a run's config.yaml and checkpoints hold every option's value.
+    ``name``: the registered method name, set by ``METHODS.register`` (never written twice).
     """
+
+    name: str = ""
 
     backbone_prefixes: tuple[str, ...] = ("image_encoder.backbone.", "text_encoder.backbone.")
     classifier_keys: tuple[str, ...] = ("classifier.",)

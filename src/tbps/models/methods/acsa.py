@@ -392,7 +392,7 @@ class ACSA(TBPSModel):
         from tbps.models.backbones import build_text_encoder
 
         self.options: ACSAOptions = build_dataclass(ACSAOptions, cfg.method, "method")
-        self.loss_weights = parse_loss_weights(cfg.loss, ACSA_LOSSES, "acsa")
+        self.loss_weights = parse_loss_weights(cfg.loss, ACSA_LOSSES, self.name)
         opts = self.options
         if not opts.cross_attention:
             self.loss_weights.pop("cross_scale", None)

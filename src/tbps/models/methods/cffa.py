@@ -160,7 +160,6 @@ class CFFA(IRRA):
 
     options_class = CFFAOptions
     known_losses = CFFA_LOSSES
-    method_name = "cffa"
 
     def __init__(self, cfg: Config, num_classes: int, tokenizer, load_pretrained: bool = True) -> None:
         super().__init__(cfg, num_classes, tokenizer, load_pretrained)

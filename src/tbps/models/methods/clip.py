@@ -33,7 +33,7 @@ class ZeroShotCLIP(TBPSModel):
 
         if cfg.model.text_backbone != "clip":
             raise TBPSError("model.name=clip uses CLIP's own text tower: set model.text_backbone=clip")
-        self.loss_weights = parse_loss_weights(cfg.loss, CLIP_LOSSES, "clip")
+        self.loss_weights = parse_loss_weights(cfg.loss, CLIP_LOSSES, self.name)
         if cfg.model.temperature <= 0:
             raise TBPSError(f"model.temperature must be > 0, got {cfg.model.temperature}")
         self.logit_scale = 1.0 / cfg.model.temperature

@@ -205,7 +205,7 @@ class FCSA(IRRA):
 
     def __init__(self, cfg: Config, num_classes: int, tokenizer, load_pretrained: bool = True) -> None:
         options: FCSAOptions = build_dataclass(FCSAOptions, cfg.method, "method")
-        weights = parse_loss_weights(cfg.loss, FCSA_LOSSES, "fcsa")
+        weights = parse_loss_weights(cfg.loss, FCSA_LOSSES, self.name)
         global_weights = {k: v for k, v in weights.items() if k in FCSA_GLOBAL_LOSSES}
         if not global_weights:
             raise TBPSError("method fcsa: retrieval uses the global features, so loss needs at least one of "

@@ -86,12 +86,11 @@ class IRRA(TBPSModel):
     options_class: type = IRRAOptions
     head_prefixes = ("classifier.", "mlm_head.")  # their biases keep the new rate under optim.bias_lr=base
     known_losses: tuple[str, ...] = IRRA_LOSSES
-    method_name: str = "irra"
 
     def __init__(self, cfg: Config, num_classes: int, tokenizer, load_pretrained: bool = True) -> None:
         super().__init__()
         self.options = build_dataclass(self.options_class, cfg.method, "method")
-        self.loss_weights = parse_loss_weights(cfg.loss, self.known_losses, self.method_name)
+        self.loss_weights = parse_loss_weights(cfg.loss, self.known_losses, self.name)
         if cfg.model.temperature <= 0:
             raise TBPSError(f"model.temperature must be > 0, got {cfg.model.temperature}")
         self.logit_scale = 1.0 / cfg.model.temperature  # fixed, not learnt (IRRA)

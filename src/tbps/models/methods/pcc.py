@@ -263,7 +263,7 @@ class PCC(TBPSModel):
     def __init__(self, cfg: Config, num_classes: int, tokenizer, load_pretrained: bool = True) -> None:
         super().__init__()
         opts = self.options = build_dataclass(PCCOptions, cfg.method, "method")
-        self.loss_weights = parse_loss_weights(cfg.loss, PCC_LOSSES, "pcc")
+        self.loss_weights = parse_loss_weights(cfg.loss, PCC_LOSSES, self.name)
         if "cmr" in self.loss_weights and not opts.fine:
             raise TBPSError("loss.cmr: CMR trains the fine branch, which is off (method.fine=false); set loss.cmr=0")
         self.inference_weights = opts.resolved_inference_weights()

@@ -186,7 +186,7 @@ class TextReID(TBPSModel):
         from tbps.models.backbones import build_image_encoder, read_clip_weights
 
         self.options: TextReIDOptions = build_dataclass(TextReIDOptions, cfg.method, "method")
-        self.loss_weights = parse_loss_weights(cfg.loss, TEXTREID_LOSSES, "textreid")
+        self.loss_weights = parse_loss_weights(cfg.loss, TEXTREID_LOSSES, self.name)
         opts = self.options
         dim = int(cfg.model.embed_dim)
         if dim < 1:
