@@ -15,9 +15,8 @@ from tbps.losses import cmpc_loss, cross_scale_loss
 from tbps.models import build_model
 from tbps.models.methods.acsa import ACSA, blocked_cross_scale_similarity, cross_scale_similarity
 from tbps.models.backbones.swin import build_swin
-from tiny_models import tiny_config as base_config
+from tiny_models import TINY_SWIN, method_config
 
-TINY_SWIN = {"swin_embed_dim": 16, "swin_depths": [1, 1, 1, 1], "swin_heads": [1, 1, 2, 2], "swin_window": 4}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,9 +191,7 @@ def test_swin_weight_errors_are_one_line(tmp_path):
 # ----------------------------------------------------------------------------- the model
 
 def acsa_config(**method) -> Config:
-    return base_config("acsa", {"cmpm": 1.0, "cmpc": 1.0, "cross_scale": 0.1},
-                       {**TINY_SWIN, "drop_path": 0.0, **method}, image_backbone="swin_tiny_patch4_window7_224",
-                       text="minilm", length=24, embed_dim=32)
+    return method_config("acsa", **method)
 
 
 CAPTIONS = ["a man in a red shirt and blue jeans", "a woman with a black bag", "a girl wearing a white dress",

@@ -17,14 +17,14 @@ from tbps.models.methods.cffa import CFFA, CFFAOptions, FLFRHead, select_top_tok
 from tbps.models.masking import augment_tokens
 from test_irra import synthetic_pairs
 from tiny_models import EOT, LENGTH, MASK, PAD, SOT, TOKENIZER, total_loss
-from tiny_models import tiny_config as base_config
+from tiny_models import method_config
 
 CFFA_LOSS = {"mal": 1.0, "id": 1.0, "irr": 1.4}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(loss: dict | None = None, **method) -> Config:
-    return base_config("cffa", CFFA_LOSS if loss is None else loss, {"cross_layers": 1, **method})
+    return method_config("cffa", loss, **method)
 
 
 # ----------------------------------------------------------------------------- MAL

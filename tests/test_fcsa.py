@@ -17,15 +17,14 @@ from tbps.models.base import TBPSModel
 from tbps.models.methods.fcsa import (FCSA, FCSAOptions, patch_pixel_mask, ratio_counts, select_by_saliency)
 
 from tiny_models import EOT, LENGTH, MASK, PAD, SOT, TOKENIZER, random_token_ids, total_loss
-from tiny_models import tiny_config as base_config
+from tiny_models import method_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(backbone: str = "tiny-vit", loss: dict | None = None, positives: int = 2, **method) -> Config:
-    cfg = base_config("fcsa", loss or {"id": 1.0, "cmpm": 1.0, "cmrs_image": 1.0, "cmrs_text": 1.0},
-                      {"cross_layers": 1, **method}, image_backbone=backbone)
+    cfg = method_config("fcsa", loss, model={"image_backbone": backbone}, **method)
     cfg.data.positives = positives
     return cfg
 

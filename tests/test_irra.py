@@ -12,13 +12,13 @@ from tbps.errors import TBPSError
 from tbps.models import METHODS, build_model
 from tbps.models.methods.irra import IRRA, IRRAOptions
 from tiny_models import TOKENIZER, random_token_ids, total_loss
-from tiny_models import tiny_config as base_config
+from tiny_models import method_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(loss: dict | None = None, **method) -> Config:
-    return base_config("irra", loss, {"cross_layers": 1, **method})
+    return method_config("irra", loss, **method)
 
 
 def synthetic_pairs(n_ids: int = 8, per_id: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -164,12 +164,8 @@ def test_build_model_writes_every_resolved_option_into_the_config(name, tmp_path
 
     from tbps.config import load_config, save_config
     from tbps.models import METHODS
-    from tiny_models import tiny_config
-
-    loss = {"irra": {"sdm": 1.0, "id": 1.0, "irr": 1.0}, "cffa": {"mal": 1.0, "id": 1.0, "irr": 1.4},
-            "fcsa": {"id": 1.0, "cmpm": 1.0, "cmrs_image": 1.0, "cmrs_text": 1.0}}[name]
     old_style = {"cross_layers": 1} if name != "fcsa" else {"cross_layers": 1, "swap_rate": 0.0}
-    cfg = tiny_config(name, loss, old_style)
+    cfg = method_config(name, **old_style)
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=4, tokenizer=TOKENIZER)
     fields = {f.name for f in dataclasses.fields(model.options)}
@@ -182,7 +178,7 @@ def test_build_model_writes_every_resolved_option_into_the_config(name, tmp_path
     assert again.options == model.options
     for (key, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), key
-    old = tiny_config(name, loss, old_style)  # an old config: only the recipe's keys
+    old = method_config(name, **old_style)  # an old config: only the recipe's keys
     assert METHODS.get(name)(old, 4, TOKENIZER).options == model.options
 
 

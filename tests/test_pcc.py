@@ -16,6 +16,7 @@ from tbps.losses import CMR_COMMONALITY, cmr_loss, cmr_margins, cmr_pair_margins
 from tbps.models import METHODS, build_model
 from tbps.models.methods.pcc import PCC, PartClassifier, PCCOptions, pool_stripes, stripe_bounds
 from tbps.models.backbones.resnet import build_resnet, load_resnet_weights, resnet_grid
+from tiny_models import method_config
 from tiny_models import tiny_config as base_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -259,9 +260,7 @@ def tokenizer():
 
 
 def tiny_config(loss: dict | None = None, **method) -> Config:
-    return base_config("pcc", loss or {"id": 1.0, "rank": 1.0, "cmr": 1.0},
-                       {"num_parts": 2, "heads": 2, "last_stride": 1, **method}, image_backbone="resnet18",
-                       text="minilm", length=LENGTH, embed_dim=64)
+    return method_config("pcc", loss, **method)
 
 
 CAPTIONS = ["a man in a red shirt", "a woman with a blue skirt", "a child in green shorts", "a man with a black bag"]

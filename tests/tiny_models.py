@@ -60,6 +60,73 @@ def tiny_config(name: str, loss: dict | None, method: dict, *, image_backbone: s
     return cfg
 
 
+# Every registered method's tiny recipe: the losses, method options, model keys (``tiny_config``'s
+# keywords) and data keys its tests start from. A method registered without a row here fails the
+# contract test (tests/test_method_contract.py) until it gets one.
+TINY_SWIN = {"swin_embed_dim": 16, "swin_depths": [1, 1, 1, 1], "swin_heads": [1, 1, 2, 2], "swin_window": 4}
+TINY_METHODS: dict[str, dict] = {
+    "irra": {"loss": None, "method": {"cross_layers": 1}},
+    "fcsa": {"loss": {"id": 1.0, "cmpm": 1.0, "cmrs_image": 1.0, "cmrs_text": 1.0}, "method": {"cross_layers": 1},
+             "data": {"positives": 2}},
+    "cffa": {"loss": {"mal": 1.0, "id": 1.0, "irr": 1.4}, "method": {"cross_layers": 1}},
+    "acsa": {"loss": {"cmpm": 1.0, "cmpc": 1.0, "cross_scale": 0.1}, "method": {**TINY_SWIN, "drop_path": 0.0},
+             "model": {"image_backbone": "swin_tiny_patch4_window7_224", "text": "minilm", "length": 24,
+                       "embed_dim": 32}},
+    "pcc": {"loss": {"id": 1.0, "rank": 1.0, "cmr": 1.0}, "method": {"num_parts": 2, "heads": 2, "last_stride": 1},
+            "model": {"image_backbone": "resnet18", "text": "minilm", "length": 16, "embed_dim": 64}},
+    "textreid": {"loss": {"instance": 1.0, "align": 1.0, "moco": 1.0},
+                 "method": {"gru_hidden": 8, "queue_size": 12, "momentum": 0.9},
+                 "model": {"image_backbone": "tiny-rn", "length": 12, "embed_dim": 16, "resnet_last_stride": 1}},
+    "clip": {"loss": {"itc": 1.0}, "method": {}},
+}
+
+
+def method_config(name: str, loss: dict | None = None, *, model: dict | None = None, **method) -> Config:
+    """Method ``name``'s tiny config (its ``TINY_METHODS`` row); ``loss`` replaces the row's losses,
+    ``method`` keywords update its options and ``model`` its ``tiny_config`` keywords."""
+    row = TINY_METHODS[name]
+    cfg = tiny_config(name, row["loss"] if loss is None else loss, {**row["method"], **method},
+                      **{**row.get("model", {}), **(model or {})})
+    for key, value in row.get("data", {}).items():
+        setattr(cfg.data, key, value)
+    return cfg
+
+
+CAPTIONS = ("a man in a red shirt and blue jeans", "a woman with a black bag", "a girl wearing a white dress",
+            "a boy carrying a green backpack", "a man in a grey coat with a cap", "a woman in a yellow skirt")
+
+
+def method_tokenizer(cfg: Config):
+    """The tokenizer ``cfg`` trains with: MiniLM's real one, or CLIP's ids without the BPE file."""
+    if cfg.data.tokenizer == "clip":
+        return clip_tokenizer(cfg.data.text_length)
+    from tbps.data.tokenizers import build_tokenizer
+
+    return build_tokenizer(cfg.data.tokenizer, cfg.data.text_length)
+
+
+def method_batch(cfg: Config, tokenizer, n_ids: int = 4, per_id: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A training batch as the loader builds it for ``cfg``: ``per_id`` pairs of each of ``n_ids``
+    people, plus ``data.positives`` same-identity pairs per sample where the method asks for them."""
+    g = torch.Generator().manual_seed(seed)
+    n, k, length = n_ids * per_id, cfg.data.positives, cfg.data.text_length
+    pids = torch.arange(n) // per_id
+
+    def captions(count: int) -> torch.Tensor:
+        if cfg.data.tokenizer == "clip":
+            return random_token_ids(count, g, length, min_words=2)
+        order = torch.randint(len(CAPTIONS), (count,), generator=g).tolist()
+        return tokenizer([CAPTIONS[i] for i in order])
+
+    h, w = cfg.data.image_size
+    batch = {"images": torch.randn(n, 3, h, w, generator=g), "token_ids": captions(n), "pids": pids,
+             "image_ids": torch.arange(n)}
+    if k:
+        batch["pos_images"] = torch.randn(n, k, 3, h, w, generator=g)
+        batch["pos_token_ids"] = captions(n * k).view(n, k, length)
+    return batch
+
+
 def total_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
     """The sum of a forward pass's ``loss_*`` terms (the trainer weights them inside the model)."""
     return sum(v for k, v in out.items() if k.startswith("loss_"))
