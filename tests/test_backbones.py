@@ -439,3 +439,48 @@ def test_inference_models_keep_no_text_cache(tmp_path):
             model.embed_texts(tokenizer(queries[start:start + 250]))
     cached = sum(len(getattr(m, "_cache", {})) for m in model.modules() if hasattr(m, "clear_frozen_cache"))
     assert cached == 0
+
+
+# ----------------------------------------------------------------------------- model.quick_gelu / model.pos_interpolation
+
+def test_quick_gelu_key_overrides_what_the_file_says(tmp_path, reference_clip):
+    """``model.quick_gelu``: auto follows the file (OpenAI: QuickGELU), on/off force the activation."""
+    from tbps.config import load_config
+
+    path = tmp_path / "openai.pt"
+    torch.save(_openai_state(reference_clip), path)
+    images = torch.randn(2, 3, 64, 32)
+    encoders = {value: B.build_image_encoder(cfg(pretrained=str(path), quick_gelu=value), [64, 32])
+                for value in ("auto", "on", "off")}
+    assert bool(encoders["auto"].quick_gelu) and bool(encoders["on"].quick_gelu)
+    assert not bool(encoders["off"].quick_gelu)
+    with torch.no_grad():
+        auto, on, off = (encoders[v](images)["global"] for v in ("auto", "on", "off"))
+    assert torch.equal(auto, on) and not torch.allclose(on, off)
+    assert bool(B.build_image_encoder(cfg(quick_gelu="on"), [64, 32]).quick_gelu)  # no file: forced on
+    text = B.build_text_encoder(cfg(pretrained=str(path), quick_gelu="off"), clip_tokenizer())
+    assert not bool(text.quick_gelu)
+    assert load_config(None, ["model.quick_gelu=true"]).model.quick_gelu == "on"
+    assert load_config(None, ["model.quick_gelu=false"]).model.quick_gelu == "off"
+    with pytest.raises(TBPSError, match="config key model.quick_gelu: 'fast' is not one of auto, on, off"):
+        load_config(None, ["model.quick_gelu=fast"])
+
+
+def test_pos_interpolation_key_sets_how_the_grid_is_resized(tmp_path, reference_clip):
+    """The file's 4x4 grid (64x64 input) resized to 4x2 (64x32) with the mode ``model.pos_interpolation``
+    names: the tower holds exactly ``interpolate_grid_pos_embed`` of the file's table in that mode."""
+    from tbps.config import load_config
+
+    path = tmp_path / "openai.pt"
+    torch.save(_openai_state(reference_clip), path)
+    stored = reference_clip["visual.positional_embedding"]
+    tables = {}
+    for mode in ("bilinear", "bicubic", "nearest"):
+        encoder = B.build_image_encoder(cfg(pretrained=str(path), pos_interpolation=mode), [64, 32])
+        tables[mode] = encoder.backbone.positional_embedding.detach()
+        torch.testing.assert_close(tables[mode], B.interpolate_grid_pos_embed(stored, (4, 4), (4, 2), 1, mode))
+    assert not torch.equal(tables["bilinear"], tables["nearest"])
+    assert not torch.equal(tables["bilinear"], tables["bicubic"])
+    assert torch.equal(tables["nearest"][1:].view(4, 2, -1), stored[1:].view(4, 4, -1)[:, ::2])
+    with pytest.raises(TBPSError, match="model.pos_interpolation: 'area' is not one of bilinear, bicubic, nearest"):
+        load_config(None, ["model.pos_interpolation=area"])

@@ -22,7 +22,7 @@ from tbps.losses import global_align_loss, instance_loss, queue_infonce_loss
 from tbps.models import METHODS, build_model
 from tbps.models.methods.textreid import TextReID
 from tiny_models import EOT, PAD, clip_tokenizer, random_token_ids, total_loss
-from tiny_models import tiny_config as base_config
+from tiny_models import method_config
 
 LENGTH = 12
 TOKENIZER = clip_tokenizer(LENGTH)
@@ -32,9 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(loss: dict | None = None, **method) -> Config:
-    return base_config("textreid", {"instance": 1.0, "align": 1.0, "moco": 1.0} if loss is None else loss,
-                       {"gru_hidden": 8, "queue_size": 12, "momentum": 0.9, **method}, image_backbone="tiny-rn",
-                       length=LENGTH, embed_dim=16, resnet_last_stride=1)
+    return method_config("textreid", loss, **method)
 
 
 def tiny_batch(n: int = 8, per_id: int = 2, seed: int = 0, first_pid: int = 0) -> dict[str, torch.Tensor]:
@@ -355,13 +353,13 @@ def test_word_embeddings_come_from_the_clip_file(tmp_path):
 
 def test_word_embeddings_from_minilm():
     from tbps.data.tokenizers import build_tokenizer
-    from tbps.models.backbones import _build_hf_text
+    from tbps.models.backbones import build_hf_text
 
     tokenizer = build_tokenizer("minilm", LENGTH)
     cfg = tiny_config()
     cfg.model.text_backbone, cfg.model.text_pretrained, cfg.data.tokenizer = "hf", "minilm", "minilm"
     model = build_model(cfg, num_classes=4, tokenizer=tokenizer)
-    expected = _build_hf_text(cfg.model, tokenizer).backbone.get_input_embeddings().weight
+    expected = build_hf_text(cfg.model, tokenizer).backbone.get_input_embeddings().weight
     torch.testing.assert_close(model.word_embedding.weight, expected)
     assert model.text_encoder.gru.input_size == expected.shape[1] == 384
     ids = tokenizer(["a man in a blue shirt", "a woman with a red bag"])

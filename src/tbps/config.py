@@ -58,6 +58,8 @@ class ModelConfig:
     image_frozen_layers: int = 0  # torchvision CNNs: this many lowest blocks stay fixed (MobileNetV2: of 19)
     image_frozen_cache: bool = False  # with frozen blocks: keep their output per image (pays with data.augment=false)
     temperature: float = 0.02  # similarity scale 1/temperature in SDM / ITC / CMPM
+    quick_gelu: str = "auto"  # CLIP towers: "on" (QuickGELU) / "off" (GELU); "auto": the weight file's format, else the architecture's
+    pos_interpolation: str = "bilinear"  # CLIP ViT / RN: how a checkpoint's position grid is resized ("bicubic", "nearest")
 
 
 @dataclass
@@ -126,6 +128,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.check": ("exists", "decode", "off"),
     "model.text_backbone": ("clip", "hf"),
     "model.text_pooling": ("default", "eot", "cls", "mean"),
+    "model.quick_gelu": ("auto", "on", "off"),
+    "model.pos_interpolation": ("bilinear", "bicubic", "nearest"),
     "optim.optimizer": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("cosine", "step", "constant"),
     "optim.bias_lr": ("group", "base"),

@@ -100,10 +100,10 @@ def infer_clip_arch(state: dict[str, Tensor], text: bool = True, native_size: in
     image size is ``native_size`` wins, then the shortest name; the activation is recorded
     separately (the towers' ``quick_gelu`` buffer).
     """
-    from tbps.models.backbones import _open_clip, get_arch_config
+    from tbps.models.backbones.architectures import get_arch_config, open_clip_module
 
     want = clip_signature(state, text)
-    open_clip = _open_clip()
+    open_clip = open_clip_module()
     matches = []
     for name in ["tiny-vit", "tiny-rn", *open_clip.list_models()]:
         try:

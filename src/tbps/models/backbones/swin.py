@@ -24,7 +24,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from tbps.errors import TBPSError
-from tbps.models.backbones import _load_tensor_file, check_state_dict
+from tbps.models.backbones.weights import check_state_dict, load_tensor_file
 
 __all__ = ["SwinBackbone", "build_swin", "read_swin_weights"]
 
@@ -43,7 +43,7 @@ def read_swin_weights(path: str | Path) -> dict[str, Tensor]:
                 break
         else:
             raise TBPSError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
-    obj = _load_tensor_file(path)
+    obj = load_tensor_file(path)
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

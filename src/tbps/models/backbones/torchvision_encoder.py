@@ -41,7 +41,7 @@ import importlib.util
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,9 @@ from torch import Tensor, nn
 
 from tbps.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from tbps.errors import TBPSError
+
+if TYPE_CHECKING:
+    from tbps.config import ModelConfig
 
 __all__ = [
     "PACKAGE_WEIGHTS",
@@ -377,17 +380,17 @@ class TorchvisionImageEncoder(nn.Module):
         return self.head(self.backbone(images), return_attention)
 
 
-def trunk_from_config(model_cfg: Any, load_pretrained: bool = True, last_stride: int | None = None) -> TorchvisionTrunk:
+def trunk_from_config(model_cfg: ModelConfig, load_pretrained: bool = True, last_stride: int | None = None) -> TorchvisionTrunk:
     """The trunk ``model.image_backbone`` names, ``model.pretrained`` read into it (unless a checkpoint follows)."""
-    stride = int(getattr(model_cfg, "resnet_last_stride", 2)) if last_stride is None else int(last_stride)
+    stride = model_cfg.resnet_last_stride if last_stride is None else int(last_stride)
     weights = model_cfg.pretrained if load_pretrained else ""
-    trunk = build_trunk(model_cfg.image_backbone, weights, stride, int(getattr(model_cfg, "image_frozen_layers", 0)))
-    if getattr(model_cfg, "image_frozen_cache", False):
+    trunk = build_trunk(model_cfg.image_backbone, weights, stride, model_cfg.image_frozen_layers)
+    if model_cfg.image_frozen_cache:
         trunk.enable_frozen_cache()
     return trunk
 
 
-def build_torchvision_encoder(model_cfg: Any, image_size: Sequence[int], load_pretrained: bool = True) -> TorchvisionImageEncoder:
+def build_torchvision_encoder(model_cfg: ModelConfig, image_size: Sequence[int], load_pretrained: bool = True) -> TorchvisionImageEncoder:
     """:class:`TorchvisionImageEncoder` for ``image_size`` = (height, width), joint width ``model.embed_dim``."""
     return TorchvisionImageEncoder(trunk_from_config(model_cfg, load_pretrained), tuple(image_size),
                                    int(model_cfg.embed_dim))

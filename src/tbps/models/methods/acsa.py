@@ -76,7 +76,7 @@ from tbps.data.phrases import PhraseExtractor
 from tbps.errors import TBPSError
 from tbps.losses import cmpc_loss, cmpm_loss, cross_scale_image_rows_loss, cross_scale_loss
 from tbps.models import METHODS
-from tbps.models.backbones import _ActivationMixin
+from tbps.models.backbones.architectures import ActivationMixin
 from tbps.models.base import TBPSModel, parse_loss_weights
 
 ACSA_LOSSES = ("cmpm", "cmpc", "cross_scale")
@@ -274,7 +274,7 @@ class SwinScales(nn.Module):
         return {"global": global_feat, "scales": torch.cat(parts, dim=1)}
 
 
-class ClipViTScales(_ActivationMixin, nn.Module):
+class ClipViTScales(ActivationMixin, nn.Module):
     """CLIP ViT (tbps's ClipImageEncoder) with windows from an intermediate layer's patch tokens.
 
     global = the projected CLS token; regions = stripes of the projected last-layer patch grid (in

@@ -162,7 +162,7 @@ def _word_embedding_table(cfg: Config, tokenizer, load_pretrained: bool,
                             f"('token_embedding.weight') in this file; TextReID's GRU reads it")
         source = clip_weights[1]["path"]
     elif kind == "hf":
-        encoder = B._build_hf_text(cfg.model, tokenizer, load_pretrained)  # resizes for added tokens
+        encoder = B.build_hf_text(cfg.model, tokenizer, load_pretrained)  # resizes for added tokens
         table = encoder.backbone.get_input_embeddings().weight.detach().clone()
         source = cfg.model.text_pretrained
     else:
