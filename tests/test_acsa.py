@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tbps.config import Config
 from tbps.data.tokenizers import build_tokenizer
 from tbps.errors import TBPSError
-from tbps.losses import cmpc_loss, cross_scale_loss
+from tbps.losses.acsa import cmpc_loss, cross_scale_loss
 from tbps.models import build_model
 from tbps.models.methods.acsa import ACSA, blocked_cross_scale_similarity, cross_scale_similarity
 from tbps.models.backbones.swin import build_swin
@@ -379,7 +379,7 @@ def test_recipe_and_step_schedule_are_the_authors(tokenizer):
 def test_cross_scale_image_rows_loss_matches_a_direct_computation():
     """utils/metric.py contrastive_loss: per image i, softmax over captions j of each direction's
     score, KL to the L2-normalised labels, mean over images, summed over the two directions."""
-    from tbps.losses import cross_scale_image_rows_loss
+    from tbps.losses.acsa import cross_scale_image_rows_loss
 
     g = torch.Generator().manual_seed(4)
     i2t, t2i = torch.rand(6, 6, generator=g, dtype=torch.float64), torch.rand(6, 6, generator=g, dtype=torch.float64)

@@ -11,7 +11,7 @@ import torch
 
 from tbps.config import Config, load_config
 from tbps.errors import TBPSError
-from tbps.losses import mal_loss, mal_negative_scale
+from tbps.losses.cffa import mal_loss, mal_negative_scale
 from tbps.models import METHODS, build_model
 from tbps.models.methods.cffa import CFFA, CFFAOptions, FLFRHead, select_top_tokens
 from tbps.models.masking import augment_tokens

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tbps.config import Config, build_dataclass, load_config
 from tbps.errors import TBPSError
-from tbps.losses import cmrs_triplet_loss
+from tbps.losses.fcsa import cmrs_triplet_loss
 from tbps.models import METHODS, build_model
 from tbps.models.base import TBPSModel
 from tbps.models.methods.fcsa import (FCSA, FCSAOptions, patch_pixel_mask, ratio_counts, select_by_saliency)

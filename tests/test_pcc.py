@@ -12,7 +12,7 @@ import torchvision
 
 from tbps.config import Config
 from tbps.errors import TBPSError
-from tbps.losses import CMR_COMMONALITY, cmr_loss, cmr_margins, cmr_pair_margins, part_similarities, ranking_loss
+from tbps.losses.pcc import CMR_COMMONALITY, cmr_loss, cmr_margins, cmr_pair_margins, part_similarities, ranking_loss
 from tbps.models import METHODS, build_model
 from tbps.models.methods.pcc import PCC, PartClassifier, PCCOptions, pool_stripes, stripe_bounds
 from tbps.models.backbones.resnet import build_resnet, load_resnet_weights, resnet_grid

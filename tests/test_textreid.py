@@ -18,7 +18,7 @@ from tbps.config import Config, load_config
 from tbps.engine.checkpoint import load_model_weights, read_checkpoint, save_checkpoint
 from tbps.engine.optim import build_optimizer
 from tbps.errors import TBPSError
-from tbps.losses import global_align_loss, instance_loss, queue_infonce_loss
+from tbps.losses.textreid import global_align_loss, instance_loss, queue_infonce_loss
 from tbps.models import METHODS, build_model
 from tbps.models.methods.textreid import TextReID
 from tiny_models import EOT, PAD, clip_tokenizer, random_token_ids, total_loss

@@ -25,7 +25,7 @@ where both are silent, our choice, named as such):
   and each phrase read in its context; ``encode`` re-encodes each phrase alone as ``[CLS] phrase
   [SEP]`` and takes its [CLS] feature (the authors' code; ~``max_phrases`` more, short, text passes).
 - Global-level alignment: CMPM + CMPC on (global image, sentence) pairs (``losses.cmpm_loss``,
-  ``losses.cmpc_loss``), after a BatchNorm1d "bottleneck" per modality (the authors' code;
+  ``losses.acsa.cmpc_loss``), after a BatchNorm1d "bottleneck" per modality (the authors' code;
   ``bottleneck``). The authors' code (``utils/metric.py``, ``Loss.forward``) weights CMPM + 4 CMPC +
   0.1 cross-scale and drops CMPM from the total once it falls below 0.5 (``cmpm_gate``; the recipe
   sets the weights in ``loss``). Why it matters: CMPM and CMPC score scalar projections ``v . t/|t|`` with
@@ -40,8 +40,8 @@ where both are silent, our choice, named as such):
   ``fuse_directions`` is not set) is the mean of the two directions. Loss: CMPM's
   matching form, weight 0.1 (``loss.cross_scale``), scale ``cross_logit_scale`` = 20
   (the code's lambda): ``cross_loss: image_rows`` (default, the code) matches each direction's
-  matrix per image over the captions (``losses.cross_scale_image_rows_loss``); ``mean`` matches the
-  mean score both ways (``losses.cross_scale_loss``). The first image scale is the global feature
+  matrix per image over the captions (``losses.acsa.cross_scale_image_rows_loss``); ``mean`` matches the
+  mean score both ways (``losses.acsa.cross_scale_loss``). The first image scale is the global feature
   (``scale_global: feature``) or, as the code, the mean of the region and window scales (``mean``).
 - Inference: ``similarity = a * global cosine + (1 - a) * cross-scale``, ``a = fuse_weight`` (0.9);
   the cross-scale term's directions are ``fuse_directions`` (empty: as ``directions``). The authors'
@@ -74,7 +74,8 @@ from torch import Tensor, nn
 from tbps.config import Config, build_dataclass
 from tbps.data.phrases import PhraseExtractor
 from tbps.errors import TBPSError
-from tbps.losses import cmpc_loss, cmpm_loss, cross_scale_image_rows_loss, cross_scale_loss
+from tbps.losses import cmpm_loss
+from tbps.losses.acsa import cmpc_loss, cross_scale_image_rows_loss, cross_scale_loss
 from tbps.models import METHODS
 from tbps.models.backbones.architectures import ActivationMixin
 from tbps.models.base import TBPSModel, parse_loss_weights

@@ -15,7 +15,7 @@ branch). What CFFA adds, as ``../shared/docs/methods.md`` describes it and the a
 - Text augmentation (training only): 20% of the word tokens perturbed, of those 60% masked, 20%
   replaced by a random id, 20% deleted (:func:`tbps.models.masking.augment_tokens`). As in the code,
   the augmented caption feeds every branch, IRR's corruption included.
-- MAL, multi-association learning (:func:`tbps.losses.mal_loss`, margin 0.1, tau 0.015) on the
+- MAL, multi-association learning (:func:`tbps.losses.cffa.mal_loss`, margin 0.1, tau 0.015) on the
   global pair and on the local pair, plus the ID loss on the global features.
 - Inference: ``embed_images`` / ``embed_texts`` return ``{"global", "local"}`` (both L2-normalised)
   and ``similarity`` is the mean of the global and the local cosine (``method.inference: fused``);
@@ -24,7 +24,7 @@ branch). What CFFA adds, as ``../shared/docs/methods.md`` describes it and the a
 Choices where the sources are silent or differ (options below; defaults follow the code):
 
 - ``mal_negative_scale: batch``: the code (``objectives.compute_mixed_triplet_per``) scales MAL's
-  negative term by ``floor(1000/B)/1000`` (``tbps.losses.mal_negative_scale``), not by tau; the two
+  negative term by ``floor(1000/B)/1000`` (``tbps.losses.cffa.mal_negative_scale``), not by tau; the two
   agree only at B = 64. ``tau`` is the paper's formula.
 - ``flfr_lr: 1e-3``: the code's solver (``solver/build.py``, ``build_optimizer``) trains the FLFR
   heads (``visul_emb_layer`` / ``texual_emb_layer``) at a fixed base lr of 1e-3, whatever
@@ -54,7 +54,8 @@ from torch import Tensor, nn
 from tbps.config import Config
 from tbps.data.tokenizers import caption_valid_mask
 from tbps.errors import TBPSError
-from tbps.losses import cmpm_loss, itc_loss, mal_loss, mal_negative_scale, sdm_loss
+from tbps.losses import cmpm_loss, itc_loss, sdm_loss
+from tbps.losses.cffa import mal_loss, mal_negative_scale
 from tbps.models import METHODS
 from tbps.models.methods.irra import IRRA, IRRAOptions
 from tbps.models.masking import augment_tokens

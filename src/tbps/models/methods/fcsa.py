@@ -28,7 +28,7 @@ Built on IRRA (the CLIP dual encoder, the shared ID classifier and the global lo
 - CMRS, cross-modal reconstruction, image side: one cross-attention (queries = the masked image's
   patch tokens, keys/values = all caption tokens; ``CrossModalTransformer`` with no further layers)
   predicts the patch features; the prediction pooled over the masked cells is compared with the
-  original tokens pooled over the same cells by ``tbps.losses.cmrs_triplet_loss`` (Euclidean on
+  original tokens pooled over the same cells by ``tbps.losses.fcsa.cmrs_triplet_loss`` (Euclidean on
   normalised vectors, margin 0.5) against the hardest negative caption (the other identity's
   caption most similar to the image; the reconstruction is re-run with it) and a negative image's
   target: ``cmrs_negative_image: text_similarity`` (the code) takes the other identity's image that
@@ -61,7 +61,8 @@ from torch import Tensor, nn
 from tbps.config import Config, build_dataclass
 from tbps.data.tokenizers import caption_valid_mask
 from tbps.errors import TBPSError
-from tbps.losses import cmrs_triplet_loss, mlm_loss
+from tbps.losses import mlm_loss
+from tbps.losses.fcsa import cmrs_triplet_loss
 from tbps.models import METHODS
 from tbps.models.base import parse_loss_weights
 from tbps.models.methods.irra import IRRA, IRRAOptions

@@ -20,7 +20,7 @@ Three levels of embeddings per image and per caption, all in one joint width D:
 
 Losses (``cfg.loss`` weights ``id``, ``rank``, ``cmr``; the paper's split): global and coarse get an
 ID loss (one identity classifier per level, shared by both modalities and, for parts, by the K
-parts; ``method.part_classifier=per_part`` gives each part its own, as PCB) and a ranking loss (``tbps.losses.ranking_loss``: hardest-negative, both directions; the
+parts; ``method.part_classifier=per_part`` gives each part its own, as PCB) and a ranking loss (``tbps.losses.pcc.ranking_loss``: hardest-negative, both directions; the
 coarse similarity is the mean of the K part cosines); fine gets an ID loss and **CMR**.
 
 CMR, commonality-based margin ranking: the paper's exact formula is not in our sources (we
@@ -28,7 +28,7 @@ searched the stored web pages, documentation, code and issue threads for the pap
 only the abstract and third-party summaries of arXiv:2501.00318 came back, no method section and no
 implementation; the abstract says the loss "quantifies the degree of commonality of each body part
 and reflects it during the learning of fine-grained body part details").
-We implement the interpretation documented in ``docs/methods.md`` (``tbps.losses.cmr_loss``)::
+We implement the interpretation documented in ``docs/methods.md`` (``tbps.losses.pcc.cmr_loss``)::
 
     S^k_ij = cos(v_i^k, t_j^k)                              fine image part k vs caption part k
     c_k    = clamp(mean_{y_i != y_j} S^k_ij, 0, 1)          commonality of part k (no gradient)
@@ -81,8 +81,9 @@ from torch import Tensor, nn
 
 from tbps.config import Config, build_dataclass
 from tbps.errors import TBPSError
-from tbps.losses import (CMR_COMMONALITY, cmr_loss, cmr_margins, cmr_pair_margins, id_loss, part_similarities,
-                         ranking_loss)
+from tbps.losses import id_loss
+from tbps.losses.pcc import (CMR_COMMONALITY, cmr_loss, cmr_margins, cmr_pair_margins, part_similarities,
+                             ranking_loss)
 from tbps.models import METHODS
 from tbps.models.base import TBPSModel, parse_loss_weights
 from tbps.models.backbones.resnet import RESNET_NAMES, build_resnet, resnet_grid

@@ -18,7 +18,7 @@ A dual encoder with cross-modal momentum contrast:
   CLIP text weights exist offline.
 - Losses (``cfg.loss``, each weight 1 in the paper):
   ``instance``: the instance loss, one identity projection with normalised columns shared by
-  both modalities, label-smoothed CE (``tbps.losses.instance_loss``);
+  both modalities, label-smoothed CE (``tbps.losses.textreid.instance_loss``);
   ``align``: the global alignment loss (``global_align_loss``);
   ``moco``: cross-modal momentum contrast. Momentum copies of the image encoder and of the GRU
   (m = 0.999, ``requires_grad=False``, so the optimiser never sees them) encode keys; two queues
@@ -53,7 +53,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from tbps.config import Config, build_dataclass
 from tbps.data.tokenizers import caption_valid_mask
 from tbps.errors import TBPSError
-from tbps.losses import global_align_loss, instance_loss, queue_infonce_loss
+from tbps.losses.textreid import global_align_loss, instance_loss, queue_infonce_loss
 from tbps.models import METHODS
 from tbps.models.base import TBPSModel, parse_loss_weights
 
