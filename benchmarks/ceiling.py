@@ -30,7 +30,7 @@ def caption_mentions(num_ids: int, images_per_id: int, captions_per_image: int, 
                      val_fraction: float = 0.1, test_fraction: float = 0.2):
     """Per test image: (pid, person, [(caption, mentions)]), replaying the generator's random streams."""
     people = synth.draw_identities(num_ids, np.random.default_rng([seed, 0]))
-    n_train, n_val, n_test = synth._split_sizes(num_ids, val_fraction, test_fraction)
+    n_train, n_val, n_test = synth.split_sizes(num_ids, val_fraction, test_fraction)
     rows = []
     for index in range(n_train + n_val, num_ids):
         pid, person = index + 1, people[index]
@@ -39,7 +39,7 @@ def caption_mentions(num_ids: int, images_per_id: int, captions_per_image: int, 
             view = synth.VIEWS[(start + k) % 3]
             rng = np.random.default_rng([seed, 5, pid, k])
             captions: list[tuple[str, dict]] = []
-            for _ in range(captions_per_image):  # as synth._captions_for
+            for _ in range(captions_per_image):  # as synth.captions_for
                 for _attempt in range(5):
                     text, mentions = synth.make_caption(person, view, rng)
                     if text not in [c for c, _ in captions]:

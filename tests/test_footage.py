@@ -39,10 +39,10 @@ def test_scene_boxes_are_what_was_drawn(tmp_path):
     from tbps.footage import scenes as sc
 
     people = sc.test_identities(60, 3)
-    looks = {pid: synth._draw_looks(np.random.default_rng([3, 2, pid])) for pid in people}
+    looks = {pid: synth.draw_looks(np.random.default_rng([3, 2, pid])) for pid in people}
     pids = sorted(people)
     tracks = sc._plan_tracks(np.random.default_rng(0), pids, 6, 3, 256, 192, 0)
-    background = synth._make_backgrounds(np.random.default_rng(1), 192, 128, 1)[0]
+    background = synth.make_backgrounds(np.random.default_rng(1), 192, 128, 1)[0]
     checked = 0
     for frame in range(6):
         drawn, notes = render_frame(background, tracks, frame, people, looks)

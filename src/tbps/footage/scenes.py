@@ -54,7 +54,7 @@ class Track:
 def test_identities(num_ids: int, seed: int, val_fraction: float = 0.1,
                     test_fraction: float = 0.2) -> dict[int, synth.PersonAttributes]:
     """The test split of ``tbps synth --ids num_ids --seed seed``: pid -> attributes (same pids)."""
-    n_train, n_val, n_test = synth._split_sizes(num_ids, val_fraction, test_fraction)
+    n_train, n_val, n_test = synth.split_sizes(num_ids, val_fraction, test_fraction)
     people = synth.draw_identities(num_ids, np.random.default_rng([seed, 0]))
     first = n_train + n_val
     return {first + i + 1: people[first + i] for i in range(n_test)}
@@ -127,10 +127,10 @@ def render_frame(background: Image.Image, tracks: list[Track], frame: int,
     masks, annotations = [], []
     for track, step, h, cx, top in placed if draw_people else []:
         phase = math.sin(math.pi * step / 2.0)
-        pose = synth._Pose(view=track.view, facing=track.facing, arm_swing=0.05 * phase if track.view == "side"
+        pose = synth.Pose(view=track.view, facing=track.facing, arm_swing=0.05 * phase if track.view == "side"
                            else 0.02, stride=0.09 * abs(phase), spread=0.045)
         before = np.asarray(img).copy()
-        synth._render_person(img, people[track.pid], looks[track.pid], pose, cx, top, h)
+        synth.render_person(img, people[track.pid], looks[track.pid], pose, cx, top, h)
         mask = _changed_mask(before, np.asarray(img))
         box = _bbox(mask)
         if box is None:
@@ -188,10 +188,10 @@ def generate_scenes(out: str | Path, num_ids: int = 500, cameras: int = 3, frame
         raise TBPSError(f"{out}: cannot create the output folder ({exc.strerror})") from None
     (out / ANNOTATIONS).unlink(missing_ok=True)
     people = test_identities(num_ids, seed, val_fraction, test_fraction)
-    looks = {pid: synth._draw_looks(np.random.default_rng([seed, 2, pid])) for pid in people}
+    looks = {pid: synth.draw_looks(np.random.default_rng([seed, 2, pid])) for pid in people}
     rng = np.random.default_rng([seed, 21])
     order = [int(p) for p in rng.permutation(sorted(people))]
-    backgrounds = synth._make_backgrounds(np.random.default_rng([seed, 22]), height, width // 2, count=max(4, cameras))
+    backgrounds = synth.make_backgrounds(np.random.default_rng([seed, 22]), height, width // 2, count=max(4, cameras))
     names = [f"cam{c + 1:02d}" for c in range(cameras)]
     bar = None
     if progress:
@@ -236,7 +236,7 @@ def generate_scenes(out: str | Path, num_ids: int = 500, cameras: int = 3, frame
     write_text_atomic(out / "frames" / MANIFEST, json.dumps(manifest_frames, indent=1) + "\n")
     if videos:
         write_text_atomic(out / "videos" / MANIFEST, json.dumps(manifest_videos, indent=1) + "\n")
-    identities = {str(pid): {"captions": synth._captions_for(people[pid], view, np.random.default_rng([seed, 23, pid]), 2)}
+    identities = {str(pid): {"captions": synth.captions_for(people[pid], view, np.random.default_rng([seed, 23, pid]), 2)}
                   for pid, view in sorted(shown.items())}
     annotation = {"format": "tbps-scenes", "version": 1, "seed": seed, "ids": num_ids, "fps": fps,
                   "width": width, "height": height, "cameras": names, "identities": identities, "frames": records}
