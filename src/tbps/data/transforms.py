@@ -18,7 +18,7 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 # What ImageNet-trained encoders (torchvision's MobileNetV2 / ResNets) expect. The transform below keeps
 # CLIP's statistics for every model, so checkpoints, indexes and the server share one preprocessing;
-# models/torchvision_encoder.py maps CLIP-normalised input to these exactly (a per-channel affine map).
+# models/backbones/torchvision_encoder.py maps CLIP-normalised input to these exactly (a per-channel affine map).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

@@ -110,7 +110,7 @@ def cmr_loss(image_parts: Tensor, text_parts: Tensor, pids: Tensor, margin: floa
              adaptive: bool = True, negatives: str = "hardest", commonality: str = "batch") -> Tensor:
     """Commonality-based margin ranking (CMR) loss on fine part embeddings (PCC, Park et al. 2024).
 
-    Our reading of the method (the paper's formula is not in our sources; see ``models/pcc.py``):
+    Our reading of the method (the paper's formula is not in our sources; see ``models/methods/pcc.py``):
     a ranking loss per part k whose margin shrinks where part k is common across identities::
 
         S^k_ij = cos(v_i^k, t_j^k)                     (image part k of i, caption part k of j)

@@ -78,7 +78,7 @@ __all__ = [
 
 
 def is_torchvision_backbone(arch: str) -> bool:
-    """True for the torchvision CNNs (``models/torchvision_encoder.py``), whose weights are not CLIP's."""
+    """True for the torchvision CNNs (``torchvision_encoder``), whose weights are not CLIP's."""
     from tbps.models.backbones.torchvision_encoder import TORCHVISION_BACKBONES
 
     return arch in TORCHVISION_BACKBONES

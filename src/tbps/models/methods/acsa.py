@@ -14,7 +14,7 @@ where both are silent, our choice, named as such):
   ``Model.forward``): the bottlenecked global vector goes through a residual block
   (Linear-BN-ReLU-Linear-BN, + input, ReLU), is cut into 6 channel chunks, and head / upper body /
   lower body / feet are chunks 1-2 / 2-3 / 4-5 / 6, each through Linear + ReLU + Dropout(0.5) to D
-  (``ChannelRegions``; needs ``num_regions: 4``). Encoders: timm's Swin (``models/swin.py``,
+  (``ChannelRegions``; needs ``num_regions: 4``). Encoders: timm's Swin (``models/backbones/swin.py``,
   ``model.image_backbone: swin_*``), or a CLIP ViT (``model.image_backbone: ViT-B-16`` etc.), whose
   last layer's patch tokens give the regions and an intermediate layer (``clip_window_layer``) the
   windows, its CLS token the global feature.

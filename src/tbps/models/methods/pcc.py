@@ -3,7 +3,7 @@ Search via Part-level Cross-modal Correspondence", ACCV 2024, arXiv:2501.00318).
 
 Three levels of embeddings per image and per caption, all in one joint width D:
 
-- **global**: a ResNet feature map (torchvision, ``models/resnet.py``) or, the paper's second
+- **global**: a ResNet feature map (torchvision, ``models/backbones/resnet.py``) or, the paper's second
   backbone, a CLIP ViT's patch-token grid (``model.image_backbone: ViT-B-16``; 24x8 at 384x128), and
   BERT token features (transformers; the offline MiniLM for tests and SynthPEDES) or, with a CLIP
   ViT, CLIP's text tower (``model.text_backbone: clip``); each projected to D and **globally
@@ -283,7 +283,7 @@ class PCC(TBPSModel):
             if model_cfg.image_backbone in RESNET_NAMES and not model_cfg.image_frozen_layers:
                 self.image_encoder = build_resnet(model_cfg.image_backbone,
                                                   model_cfg.pretrained if load_pretrained else "", opts.last_stride)
-            else:  # MobileNetV2 or frozen blocks: the trunk of models/torchvision_encoder.py (same map)
+            else:  # MobileNetV2 or frozen blocks: the trunk of models/backbones/torchvision_encoder.py (same map)
                 from tbps.models.backbones.torchvision_encoder import trunk_from_config
 
                 self.image_encoder = trunk_from_config(model_cfg, load_pretrained, opts.last_stride)
