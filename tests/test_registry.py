@@ -48,6 +48,12 @@ def test_one_name_per_thing():
     with pytest.raises(TBPSError, match="'one' is already registered"):
         things.register("one", type("Other", (), {}))
 
+    @things.register("one-child")
+    class Child(One):
+        pass
+
+    assert Child.name == "one-child" and One.name == "one"  # a subclass takes its own name
+
 
 def test_every_registered_method_and_dataset_carries_its_name():
     for registry in (METHODS, DATASETS):
