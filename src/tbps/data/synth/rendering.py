@@ -139,31 +139,58 @@ class Pose:
     spread: float
 
 
-def render_person(img: Image.Image, person: PersonAttributes, looks: Looks, pose: Pose,
-                   cx: float, top: float, h: float) -> None:
-    """Draw the person back to front; garments go through a mask so stripes and checks clip to them."""
-    draw = ImageDraw.Draw(img)
-    view = pose.view
-    P = _Painter(draw, cx, top, h, pose.facing if view == "side" else 1)
-    jit = looks.jitter
-    skin = looks.skin
-    skin_dark = _shade(skin, 0.8)
-    upper_rgb = _rgb(person.upper_colour, jit)
-    upper_edge = _shade(upper_rgb, 0.6)
-    lower_rgb = _rgb(person.lower_colour, jit) if person.lower_type != "none" else skin
-    shoe_rgb = _rgb(person.shoe_colour)
-    bag_rgb = _rgb(person.bag_colour, jit) if person.bag_type != "none" else None
-    hair_rgb = HAIR_COLOURS[person.hair_colour][0]
-    female = person.gender == "female"
-    side = view == "side"
-    sw = (0.1 if female else 0.115) * looks.build * (0.6 if side else 1.0)  # shoulder half-width
-    hw = (0.1 if female else 0.092) * looks.build * (0.68 if side else 1.0)  # hip half-width
-    waist_y = 0.47
-    hem_y = {"coat": 0.7, "dress": 0.66}.get(person.upper_type, 0.49)
-    carry = looks.carry_side
-    bag = person.bag_type
+@dataclass
+class _Figure:
+    """What every part of one drawn person reads: the painter, the person, the view and the body's
+    colours and proportions (fractions of the person's height ``h``)."""
 
-    # --- behind the body: suitcase on the far side, backpack body (front view), long hair (front)
+    P: _Painter
+    person: PersonAttributes
+    looks: Looks
+    pose: Pose
+    view: str
+    side: bool
+    skin: tuple[int, int, int]
+    upper_rgb: tuple[int, int, int]
+    upper_edge: tuple[int, int, int]
+    lower_rgb: tuple[int, int, int]
+    bag_rgb: tuple[int, int, int] | None
+    hair_rgb: tuple[int, int, int]
+    sw: float  # shoulder half-width
+    hw: float  # hip half-width
+    waist_y: float
+    hem_y: float
+
+
+def render_person(img: Image.Image, person: PersonAttributes, looks: Looks, pose: Pose,
+                  cx: float, top: float, h: float) -> None:
+    """Draw the person back to front; garments go through a mask so stripes and checks clip to them."""
+    view = pose.view
+    side = view == "side"
+    female = person.gender == "female"
+    upper_rgb = _rgb(person.upper_colour, looks.jitter)
+    f = _Figure(
+        P=_Painter(ImageDraw.Draw(img), cx, top, h, pose.facing if side else 1), person=person, looks=looks,
+        pose=pose, view=view, side=side, skin=looks.skin, upper_rgb=upper_rgb, upper_edge=_shade(upper_rgb, 0.6),
+        lower_rgb=_rgb(person.lower_colour, looks.jitter) if person.lower_type != "none" else looks.skin,
+        bag_rgb=_rgb(person.bag_colour, looks.jitter) if person.bag_type != "none" else None,
+        hair_rgb=HAIR_COLOURS[person.hair_colour][0],
+        sw=(0.1 if female else 0.115) * looks.build * (0.6 if side else 1.0),
+        hw=(0.1 if female else 0.092) * looks.build * (0.68 if side else 1.0),
+        waist_y=0.47, hem_y={"coat": 0.7, "dress": 0.66}.get(person.upper_type, 0.49))
+    _draw_behind_body(f)
+    _draw_legs(f)
+    arms, sleeves = _draw_arms(f)
+    _draw_upper_garment(img, f, sleeves, top, h)
+    _draw_garment_details(f)
+    _draw_hands_and_carried(f, arms)
+    _draw_head(f)
+
+
+def _draw_behind_body(f: _Figure) -> None:
+    """Suitcase on the far side, backpack body (front and side views), long hair (front)."""
+    P, person, view, side, sw, bag_rgb, hair_rgb = f.P, f.person, f.view, f.side, f.sw, f.bag_rgb, f.hair_rgb
+    bag = person.bag_type
     if bag == "backpack" and view == "front":
         P.rect(-sw - 0.014, 0.17, sw + 0.014, 0.41, bag_rgb, radius=0.02)
     if bag == "backpack" and side:
@@ -171,7 +198,11 @@ def render_person(img: Image.Image, person: PersonAttributes, looks: Looks, pose
     if person.hair_length == "long" and view != "back":
         P.rect(-0.062 if not side else -0.07, 0.05, 0.062 if not side else 0.02, 0.27, hair_rgb, radius=0.03)
 
-    # --- legs, shoes
+
+def _draw_legs(f: _Figure) -> None:
+    """Legs (bare or in trousers, jeans, shorts), shoes, and the lower garment's top."""
+    P, person, pose, side, hw, waist_y = f.P, f.person, f.pose, f.side, f.hw, f.waist_y
+    skin, lower_rgb, shoe_rgb = f.skin, f.lower_rgb, _rgb(person.shoe_colour)
     if side:
         feet = [(pose.stride, 0.935), (-0.8 * pose.stride, 0.935)]
         hips = [(0.0, waist_y), (0.0, waist_y)]
@@ -201,7 +232,11 @@ def render_person(img: Image.Image, person: PersonAttributes, looks: Looks, pose
         P.poly([(-hw, waist_y - 0.01), (hw, waist_y - 0.01), (hw + 0.05, 0.65), (-hw - 0.05, 0.65)], lower_rgb,
                outline=_shade(lower_rgb, 0.7))
 
-    # --- arms (skin first; sleeves go into the garment mask)
+
+def _draw_arms(f: _Figure) -> tuple[list[tuple[float, float, float, float]], list[tuple[float, ...]]]:
+    """Bare arms; returns them (shoulder to hand) and the sleeves the garment mask will cover."""
+    P, person, pose, side, sw, skin = f.P, f.person, f.pose, f.side, f.sw, f.skin
+    skin_dark = _shade(skin, 0.8)
     long_sleeves = person.upper_type not in ("t-shirt", "dress")
     if side:
         arms = [(0.0, 0.17, -pose.arm_swing, 0.49), (0.0, 0.17, pose.arm_swing, 0.49)]  # far, near
@@ -214,8 +249,13 @@ def render_person(img: Image.Image, person: PersonAttributes, looks: Looks, pose
             sleeves.append((ax0, ay0, ax0 + (ax1 - ax0) * 0.95, ay0 + (ay1 - ay0) * 0.95, 0.056, 0.045))
         else:
             sleeves.append((ax0, ay0, ax0 + (ax1 - ax0) * 0.33, ay0 + (ay1 - ay0) * 0.33, 0.06, 0.055))
+    return arms, sleeves
 
-    # --- upper garment through a mask
+
+def _draw_upper_garment(img: Image.Image, f: _Figure, sleeves: list[tuple[float, ...]], top: float, h: float) -> None:
+    """Torso and sleeves through a mask, so a pattern clips to the garment."""
+    P, person, side, sw, hw, hem_y = f.P, f.person, f.side, f.sw, f.hw, f.hem_y
+    upper_rgb, upper_edge = f.upper_rgb, f.upper_edge
     mask = Image.new("L", img.size, 0)
     M = _Painter(ImageDraw.Draw(mask), P.cx, P.top, P.h, P.facing)
     if person.upper_type == "dress":
@@ -243,7 +283,11 @@ def render_person(img: Image.Image, person: PersonAttributes, looks: Looks, pose
                   mask=mask)
     P.poly(torso, None, outline=upper_edge)
 
-    # --- garment details
+
+def _draw_garment_details(f: _Figure) -> None:
+    """Jacket opening, coat buttons, shirt collar, hood or pocket, logo, belt."""
+    P, person, view, looks, hw, waist_y, hem_y = f.P, f.person, f.view, f.looks, f.hw, f.waist_y, f.hem_y
+    upper_rgb, upper_edge = f.upper_rgb, f.upper_edge
     if person.upper_type == "jacket" and view == "front":
         P.rect(-0.025, 0.16, 0.025, hem_y, _rgb(looks.inner))
         P.line([(0.0, 0.16), (0.0, hem_y)], upper_edge, 0.006)
@@ -271,7 +315,11 @@ def render_person(img: Image.Image, person: PersonAttributes, looks: Looks, pose
         if view == "front":
             P.rect(-0.014, waist_y - 0.006, 0.014, waist_y + 0.011, (200, 190, 120))
 
-    # --- hands, carried items in front
+
+def _draw_hands_and_carried(f: _Figure, arms: list[tuple[float, float, float, float]]) -> None:
+    """Hands, and the carried item in front of the body."""
+    P, person, view, side, sw, hw, skin, bag_rgb = f.P, f.person, f.view, f.side, f.sw, f.hw, f.skin, f.bag_rgb
+    carry, bag = f.looks.carry_side, person.bag_type
     for _, _, ax1, ay1 in arms[1:] if side else arms:
         P.ellipse(ax1, ay1 + 0.012, 0.021, 0.023, skin)
     hand_x = arms[1][2] if side else arms[0 if carry < 0 else 1][2]
@@ -301,7 +349,10 @@ def render_person(img: Image.Image, person: PersonAttributes, looks: Looks, pose
         for wx in (sx - 0.045, sx + 0.045):
             P.ellipse(wx, 0.94, 0.012, 0.012, (30, 30, 30))
 
-    # --- neck, head, hair, headwear
+
+def _draw_head(f: _Figure) -> None:
+    """Neck, head (hair from behind, face from the front or side), long hair, headwear."""
+    P, person, view, side, skin, hair_rgb, jit = f.P, f.person, f.view, f.side, f.skin, f.hair_rgb, f.looks.jitter
     P.rect(-0.022, 0.11, 0.022, 0.165, skin)
     head_rx, head_ry = (0.05, 0.066)
     if view == "back":
