@@ -1,7 +1,8 @@
 """Methods behind one registry: ``build_model(cfg, num_classes, tokenizer)`` builds ``cfg.model.name``.
 
-Adding a method is one file with ``@METHODS.register("name")`` on a :class:`TBPSModel` subclass
-and one import line at the bottom of this module.
+Adding a method is one file in ``models/methods/`` with ``@METHODS.register("name")`` on a
+:class:`TBPSModel` subclass (the registry sets its ``name``), one import line at the bottom of this
+module, and one tiny recipe in ``tests/tiny_models.py`` for the contract test every method passes.
 """
 
 from __future__ import annotations
