@@ -88,7 +88,7 @@ def rank_dataset_queries(checkpoint: str | os.PathLike, dataset: str | None = No
     texts = _clean_queries(queries) if queries else None
     evaluator, name, _ = checkpoint_evaluator(checkpoint, dataset, root, split, device, batch_size,
                                            progress=progress, num_workers=0)
-    model, tokenizer, dev = evaluator.model, evaluator.tokenizer, evaluator.device
+    model = evaluator.model
 
     if texts is None:
         generator = torch.Generator().manual_seed(seed)
@@ -106,7 +106,7 @@ def rank_dataset_queries(checkpoint: str | os.PathLike, dataset: str | None = No
     try:
         with torch.inference_mode():
             image_feats = evaluator.embed_gallery()
-            text_feats = model.embed_texts(tokenizer(texts).to(dev))
+            text_feats = evaluator.embedder.embed_texts(texts)
             scores = evaluator.similarity(text_feats, image_feats).float().cpu()
     finally:
         model.train(was_training)

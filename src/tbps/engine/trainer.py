@@ -27,6 +27,7 @@ from tbps.engine import distributed as D
 from tbps.engine.checkpoint import (capture_rng_state, fine_tuning_tokenizer, load_model_weights, read_checkpoint,
                                     restore_rng_state, save_checkpoint, unwrap)
 from tbps.engine.optim import build_optimizer, build_scheduler
+from tbps.inference import amp_dtype
 from tbps.io import remove_stale_temp_files, write_text_atomic
 
 log = logging.getLogger("tbps.train")
@@ -36,17 +37,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: none on the CPU (fp32), bf16 where the GPU supports it, else fp16."""
-    if device.type != "cuda" or amp == "off":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp in ("bf16", "fp16"):
-        return torch.bfloat16 if amp == "bf16" else torch.float16
-    raise TBPSError(f"train.amp={amp!r}: choose auto, bf16, fp16 or off")
 
 
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
