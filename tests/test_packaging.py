@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tbps import cli
@@ -78,3 +83,56 @@ def test_the_demo_recipe_is_the_packaged_one():
     from tbps.demo import demo_config_path
 
     assert demo_config_path() == PACKAGED_CONFIGS / "demo_cpu.yaml"
+
+
+# ----------------------------------------------------------------------------- optional extras
+
+def _tbps_without(modules: list[str], argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``tbps ARGV`` in a fresh interpreter where ``modules`` cannot be imported (as without the extra)."""
+    blocked = "; ".join(f"sys.modules[{m!r}] = None" for m in modules)
+    code = f"import sys; {blocked}; from tbps.cli import main; sys.exit(main({argv!r}))"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("modules, argv, extra, what", [
+    (["fastapi"], ["serve", "--index", "nowhere"], "serve", "tbps serve"),
+    (["uvicorn"], ["serve", "--index", "nowhere"], "serve", "tbps serve"),
+    (["matplotlib"], ["visualize", "--index", "nowhere", "--out", "x.png", "a man"], "plots", "tbps visualize"),
+])
+def test_a_command_without_its_extra_is_one_line_naming_it(tmp_path, modules, argv, extra, what):
+    done = _tbps_without(modules, argv, tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"tbps: error: {what} needs the '{extra}' extra: pip install 'tbps[{extra}]'"
+
+
+def test_without_faiss_auto_stays_exact_and_a_faiss_backend_names_the_extra(monkeypatch, caplog):
+    from tbps.extras import MissingExtra
+    from tbps.search import ann
+
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    ann._warn_no_faiss.cache_clear()
+    assert ann.resolve_backend("auto", 10) == "exact"
+    assert ann.resolve_backend("auto", ann.AUTO_FAISS_MIN) == "exact"
+    assert "FAISS is not installed" in caplog.text and "tbps[faiss]" in caplog.text
+    assert ann.resolve_backend("faiss-hnsw", 10) == "faiss-hnsw"
+    with pytest.raises(MissingExtra, match=re.escape("pip install 'tbps[faiss]'")) as err:
+        ann.FaissIndex.build(np.eye(4, dtype=np.float32), "faiss-hnsw")
+    assert isinstance(err.value, ImportError) and isinstance(err.value, TBPSError)
+
+
+def test_the_extras_are_declared_and_make_installs_them_all():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    core = " ".join(project["dependencies"])
+    for name, package in (("serve", "fastapi"), ("serve", "uvicorn"), ("faiss", "faiss-cpu"),
+                          ("plots", "matplotlib"), ("footage", "av")):
+        assert any(spec.startswith(package) for spec in extras[name]) and package not in core
+    assert "tbps[serve,faiss,plots,footage]" in extras["all"] and "tbps[all]" in extras["dev"]
+    assert "'.[dev]'" in (REPO / "Makefile").read_text()
+    for spec in project["dependencies"]:  # ranges, not pins: the pins live in constraints.txt
+        assert "==" not in spec, spec
+    pins = {line.split("==")[0].lower() for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line}
+    for spec in project["dependencies"] + [s for specs in extras.values() for s in specs if not s.startswith("tbps")]:
+        assert re.split(r"[<>=\[ ]", spec)[0].lower() in pins, spec
