@@ -116,26 +116,26 @@ class TrainerBase:
         finally:
             self.after_train()
 
-    def before_train(self) -> None:
+    def call_hooks(self, event: str) -> None:
+        """``hook.<event>()`` for every hook, in registration order."""
         for hook in self.hooks:
-            hook.before_train()
+            getattr(hook, event)()
+
+    # a subclass adds its own work around these (calling super())
+    def before_train(self) -> None:
+        self.call_hooks("before_train")
 
     def after_train(self) -> None:
-        for hook in self.hooks:
-            hook.after_train()
+        self.call_hooks("after_train")
 
     def before_epoch(self) -> None:
-        for hook in self.hooks:
-            hook.before_epoch()
+        self.call_hooks("before_epoch")
 
     def after_epoch(self) -> None:
-        for hook in self.hooks:
-            hook.after_epoch()
+        self.call_hooks("after_epoch")
 
     def before_step(self) -> None:
-        for hook in self.hooks:
-            hook.before_step()
+        self.call_hooks("before_step")
 
     def after_step(self) -> None:
-        for hook in self.hooks:
-            hook.after_step()
+        self.call_hooks("after_step")
