@@ -35,7 +35,7 @@ def measure(recipe: str, overrides: list[str], device: str, batch_size: int, ste
     from tbps.config import load_config
     from tbps.data.tokenizers import build_tokenizer
     from tbps.engine.optim import build_optimizer
-    from tbps.engine.trainer import amp_dtype
+    from tbps.inference import amp_dtype
     from tbps.models import build_model
 
     cfg = load_config(REPO / recipe, overrides + [f"data.batch_size={batch_size}", f"train.amp={amp}"])

@@ -201,13 +201,14 @@ def test_momentum_update_is_an_exponential_moving_average():
     model.momentum_update()
     for q, k, k0 in pairs:
         torch.testing.assert_close(k, 0.75 * k0 + 0.25 * q)
-    # a training step updates before the keys are computed; evaluation mode leaves the copies alone
-    model.eval()
+    # a forward pass, in training or evaluation mode, leaves the copies alone: the update is the
+    # trainer's on_step_end, after the optimiser step
     frozen = [k.detach().clone() for _, k, _ in pairs]
-    model(tiny_batch())
-    assert all(torch.equal(k, f) for (_, k, _), f in zip(pairs, frozen))
-    model.train()
-    model(tiny_batch())
+    for mode in (False, True):
+        model.train(mode)
+        model(tiny_batch())
+        assert all(torch.equal(k, f) for (_, k, _), f in zip(pairs, frozen))
+    model.on_step_end()
     for (q, k, _), f in zip(pairs, frozen):
         torch.testing.assert_close(k, 0.75 * f + 0.25 * q)
 
@@ -453,3 +454,37 @@ def test_resume_continues_with_the_same_queue(tiny_synth_root, tmp_path):
     final_b = read_checkpoint(part / "last.pt")["model"]
     for key in ("image_queue", "text_queue", "queue_pids", "queue_ptr"):
         torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_the_momentum_update_runs_once_per_optimiser_step_and_never_in_a_forward_pass(tiny_synth_root, tmp_path):
+    from tbps.engine.train_loop import HookBase
+    from tbps.engine.trainer import train
+
+    class CountMomentumUpdates(HookBase):
+        calls = 0
+
+        def before_train(self) -> None:
+            model = self.trainer.model
+            update = model.momentum_update
+
+            def counted() -> None:
+                CountMomentumUpdates.calls += 1
+                update()
+
+            model.momentum_update = counted  # the instance's attribute: what on_step_end calls
+            self.seen: list[tuple[int, int]] = []
+
+        def after_step(self) -> None:
+            self.seen.append((self.trainer.state.step, CountMomentumUpdates.calls))
+
+    counter = CountMomentumUpdates()
+    cfg = load_config(None, TRAIN + [f"data.root={tiny_synth_root}", f"train.output_dir={tmp_path / 'run'}",
+                                     "train.max_steps=3", "train.eval_split=test"])
+    summary = train(cfg, hooks=[counter])
+    assert summary["steps"] == 3 and summary["best_R1"] is not None  # an evaluation ran, in eval mode
+    assert counter.seen == [(1, 1), (2, 2), (3, 3)]
+    model = counter.trainer.model
+    for mode in (True, False):  # forward-only calls: no update
+        model.train(mode)
+        model(tiny_batch())
+    assert CountMomentumUpdates.calls == 3

@@ -322,3 +322,79 @@ def test_eval_of_a_checkpoint_on_a_read_only_mount(tiny_synth_root, tmp_path, ca
         assert "R1" in captured.out and "read-only file system" in captured.err
     finally:
         subprocess.run(["umount", str(out)], capture_output=True)
+
+
+# ----------------------------------------------------------------------------- hooks and build_* methods
+
+def test_a_user_hook_sees_every_step_epoch_and_logged_row_in_order(tiny_synth_root, tmp_path):
+    from tbps.engine.train_loop import HookBase
+
+    class Recorder(HookBase):
+        def __init__(self) -> None:
+            self.events: list[tuple[str, int]] = []
+            self.rows: list[dict] = []
+
+        def before_train(self) -> None:
+            self.events.append(("before_train", self.trainer.state.step))
+
+        def before_epoch(self) -> None:
+            self.events.append(("before_epoch", self.trainer.epoch_index))
+
+        def before_step(self) -> None:
+            self.events.append(("before_step", self.trainer.state.step))
+
+        def after_step(self) -> None:
+            assert set(self.trainer.outputs) >= {"loss"}
+            self.events.append(("after_step", self.trainer.state.step))
+
+        def after_epoch(self) -> None:
+            self.events.append(("after_epoch", self.trainer.state.epoch))
+
+        def after_train(self) -> None:
+            self.events.append(("after_train", self.trainer.state.step))
+
+        def on_log(self, row: dict) -> None:
+            self.rows.append(row)
+
+    out = tmp_path / "run"
+    recorder = Recorder()
+    summary = train(tiny_cfg(tiny_synth_root, out, "train.epochs=2", "train.eval_split=val"), hooks=[recorder])
+    per_epoch = summary["steps"] // 2
+    expected = [("before_train", 0)]
+    for epoch in range(2):
+        expected.append(("before_epoch", epoch))
+        for step in range(epoch * per_epoch, (epoch + 1) * per_epoch):
+            expected += [("before_step", step), ("after_step", step + 1)]
+        expected.append(("after_epoch", epoch + 1))
+    expected.append(("after_train", summary["steps"]))
+    assert recorder.events == expected
+    assert recorder.rows == all_rows(out)  # the hook saw exactly what metrics.jsonl holds
+    assert [r["split"] for r in recorder.rows].count("val") == 2
+
+
+def test_max_steps_stops_mid_epoch_and_a_user_hook_can_stop_too(tiny_synth_root, tmp_path):
+    from tbps.engine.train_loop import HookBase
+
+    class StopAtStep(HookBase):
+        def after_step(self) -> None:
+            if self.trainer.state.step == 2:
+                self.trainer.request_stop()
+
+    summary = train(tiny_cfg(tiny_synth_root, tmp_path / "a", "train.max_steps=3", "train.eval_split=none"))
+    assert summary["steps"] == 3
+    summary = train(tiny_cfg(tiny_synth_root, tmp_path / "b", "train.eval_split=none"), hooks=[StopAtStep()])
+    assert summary["steps"] == 2 and summary["epochs"] == 0
+    assert read_checkpoint(tmp_path / "b" / "last.pt")["train_state"]["batch_in_epoch"] == 2
+
+
+def test_a_build_method_is_overridden_without_copying_the_trainer(tiny_synth_root, tmp_path):
+    from tbps.engine.trainer import Trainer
+
+    class FrozenTrainer(Trainer):
+        def build_optimizer(self, cfg, model):
+            return torch.optim.SGD(model.parameters(), lr=0.0)
+
+    trainer = FrozenTrainer(tiny_cfg(tiny_synth_root, tmp_path / "run", "train.max_steps=2", "train.eval_split=none"))
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    assert trainer.fit()["steps"] == 2
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.named_parameters())

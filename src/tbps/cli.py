@@ -118,6 +118,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from tbps.config import PACKAGED_CONFIGS, list_recipes
+
+    recipes = list_recipes()
+    width = max(len(name) for name, _ in recipes)
+    for name, summary in recipes:
+        print(f"{name:<{width}}  {summary}")
+    print(f"\n{len(recipes)} recipes in {PACKAGED_CONFIGS}; use one with tbps train --config NAME")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from tbps.engine.evaluator import evaluate_checkpoint, format_metrics_table
 
@@ -332,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "best.pt (best val R1), metrics.jsonl. Extra key=value arguments override the "
                        "recipe, e.g. optim.lr=1e-4 data.root=/data/CUHK-PEDES. Multi-GPU: "
                        "torchrun --nproc_per_node=N -m tbps train ...")
-    p.add_argument("--config", required=True, help="recipe, e.g. configs/irra_cuhk.yaml")
+    p.add_argument("--config", required=True,
+                   help="recipe: a packaged one by name (irra_cuhk; tbps configs lists them) or a YAML file, "
+                        "e.g. configs/irra_cuhk.yaml")
     p.add_argument("--output-dir", default=None, help="where outputs go (default: train.output_dir)")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT_DIR/last.pt")
     p.add_argument("--overwrite", action="store_true",
@@ -342,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after N optimiser steps, then evaluate and save (smoke runs)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("configs", help="list the recipes that ship inside the package",
+                       description="List the packaged training recipes (name and what each is). Name one with "
+                       "tbps train --config NAME from any folder; copy one to change it.")
+    p.set_defaults(func=_cmd_configs)
 
     # eval
     p = sub.add_parser("eval", formatter_class=fmt, help="text-to-image evaluation of a checkpoint",

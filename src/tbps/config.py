@@ -1,6 +1,9 @@
 """Typed configuration: YAML recipes under ``configs/`` that inherit bases, plus ``key=value`` overrides.
 
-A recipe names its bases with ``_base_: other.yaml`` (a path relative to the recipe, or a list of them);
+The recipes ship inside the package (``tbps/configs/``): ``--config irra_cuhk`` names one from any
+folder, and a path names a file of your own (:func:`find_recipe`).
+A recipe names its bases with ``_base_: other.yaml`` (a path relative to the recipe, or a list of them;
+a bare name that is not beside the recipe is the packaged recipe of that name);
 later files and then command-line overrides win. Every key is checked against the dataclasses below,
 so a typo (``optim.lrr=1e-4``) is an error naming the key instead of a silently ignored setting.
 ``method`` is the one free-form section: each method validates it against its own options dataclass.
@@ -216,6 +219,41 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_recipe(name: str | os.PathLike) -> Path | None:
+    """The packaged recipe ``name`` (``irra_cuhk``, ``irra_cuhk.yaml`` or ``configs/irra_cuhk.yaml``), if any."""
+    path = Path(name)
+    if len(path.parts) > 2 or (len(path.parts) == 2 and path.parts[0] != "configs"):
+        return None
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    packaged = PACKAGED_CONFIGS / f"{stem}.yaml"
+    return packaged if stem and packaged.is_file() else None
+
+
+def find_recipe(name: str | os.PathLike) -> Path:
+    """A recipe file: ``name`` as a path when that file exists, else the packaged recipe of that name,
+    so the README's ``--config configs/irra_cuhk.yaml`` and ``--config irra_cuhk`` work from any folder."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = packaged_recipe(name)
+    if packaged is not None:
+        return packaged
+    raise TBPSError(f"{name}: config file not found (give a path, or the name of a packaged recipe: "
+                    "tbps configs lists them)")
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """``(name, first comment line)`` of every packaged recipe, sorted by name."""
+    recipes = []
+    for path in sorted(PACKAGED_CONFIGS.glob("*.yaml")):
+        first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "")
+        recipes.append((path.stem, first.lstrip("#").strip() if first.lstrip().startswith("#") else ""))
+    return recipes
+
+
 def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
@@ -228,7 +266,10 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise TBPSError(f"{path}: _base_ must be a file name or a list of file names, got {bases!r}")
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = _deep_merge(merged, _load_with_bases(path.parent / base, seen + (path,)))
+        beside = path.parent / base
+        if not beside.is_file() and packaged_recipe(base) is not None:  # a user recipe on a packaged base
+            beside = packaged_recipe(base)
+        merged = _deep_merge(merged, _load_with_bases(beside, seen + (path,)))
     return _deep_merge(merged, data)
 
 
@@ -358,10 +399,11 @@ def import_user_modules(modules: list[str], where: str) -> None:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Read a recipe (with its bases), apply ``key=value`` overrides, import ``imports:``, validate every key."""
-    data = _load_with_bases(Path(path)) if path else {}
+    recipe = find_recipe(path) if path else None
+    data = _load_with_bases(recipe) if recipe else {}
     data = apply_overrides(data, overrides or [])
     cfg = build_dataclass(Config, data)
-    import_user_modules(cfg.imports, str(path) if path else "overrides")
+    import_user_modules(cfg.imports, str(recipe) if recipe else "overrides")
     return validate_config(cfg)
 
 

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 
-from tbps.config import load_config
+from tbps.config import PACKAGED_CONFIGS, load_config
 from tbps.errors import TBPSError
 
 log = logging.getLogger("tbps.demo")
-
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # (identities, images per identity, epochs) for the full demo and --quick
 DEMO_SIZES = {"full": {"ids": 500, "images_per_id": 4, "epochs": 12},
@@ -30,9 +28,10 @@ DEMO_SIZES = {"full": {"ids": 500, "images_per_id": 4, "epochs": 12},
 
 
 def demo_config_path() -> Path:
-    path = REPO_CONFIGS / "demo_cpu.yaml"
+    """The packaged demo recipe (``tbps/configs/demo_cpu.yaml``), found wherever tbps is installed."""
+    path = PACKAGED_CONFIGS / "demo_cpu.yaml"
     if not path.is_file():
-        raise TBPSError(f"{path}: the demo recipe is missing (run tbps demo from a tbps checkout)")
+        raise TBPSError(f"{path}: the demo recipe is missing from the installed package (reinstall tbps)")
     return path
 
 

@@ -52,12 +52,16 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from tbps.errors import TBPSError
+from tbps.extras import available, missing_extra
+
+if not (available("fastapi") and available("uvicorn")):
+    raise missing_extra("serve", "tbps serve")
+
+from fastapi import FastAPI, Request  # noqa: E402  (after the check: one line instead of a traceback)
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 log = logging.getLogger("tbps.serve")
 

@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 
 from tbps.errors import TBPSError
+from tbps.extras import available, missing_extra, require
 
 MATCH_COLOUR = "#1a9641"     # green: the described person
 OTHER_COLOUR = "#d7191c"     # red: someone else
@@ -88,7 +89,7 @@ def rank_dataset_queries(checkpoint: str | os.PathLike, dataset: str | None = No
     texts = _clean_queries(queries) if queries else None
     evaluator, name, _ = checkpoint_evaluator(checkpoint, dataset, root, split, device, batch_size,
                                            progress=progress, num_workers=0)
-    model, tokenizer, dev = evaluator.model, evaluator.tokenizer, evaluator.device
+    model = evaluator.model
 
     if texts is None:
         generator = torch.Generator().manual_seed(seed)
@@ -106,7 +107,7 @@ def rank_dataset_queries(checkpoint: str | os.PathLike, dataset: str | None = No
     try:
         with torch.inference_mode():
             image_feats = evaluator.embed_gallery()
-            text_feats = model.embed_texts(tokenizer(texts).to(dev))
+            text_feats = evaluator.embedder.embed_texts(texts)
             scores = evaluator.similarity(text_feats, image_feats).float().cpu()
     finally:
         model.train(was_training)
@@ -164,7 +165,7 @@ def _load_thumbnail(path: str):
 def render_grid(ranked: Sequence[RankedQuery], out: str | os.PathLike, title: str | None = None,
                 dpi: int = 100) -> Path:
     """Write the PNG grid (one row per query: text panel, then the ranked images) to ``out``."""
-    import matplotlib
+    matplotlib = require("matplotlib", "plots", "tbps visualize")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -231,6 +232,8 @@ def visualize(out: str | os.PathLike, *, checkpoint: str | os.PathLike | None = 
               device: str = "auto", progress: bool = True,
               image_root: str | os.PathLike | None = None) -> list[RankedQuery]:
     """Rank (from an index if ``index`` is given, else from a dataset split) and draw to ``out``."""
+    if not available("matplotlib"):  # before any model is loaded
+        raise missing_extra("plots", "tbps visualize")
     if index is not None:
         if dataset is not None or root is not None:
             raise TBPSError("give either --index or --dataset/--root, not both")

@@ -5,7 +5,8 @@ are the images of its person (the field's protocol, see ``tbps.engine.metrics``)
 computed in batches; scoring and ranking then run ``query_chunk`` captions at a time, so memory
 stays bounded whatever the split's size.
 
-Every method is scored the same way, through the model's own hooks:
+Every method is scored the same way, through the model's own hooks (run by ``tbps.inference.Embedder``,
+which also decides batching, device and mixed precision for the index and the searcher):
 
 - ``model.embed_texts(token_ids)`` / ``model.embed_images(images)`` -> dict of batch-first tensors
   (L2-normalised by the model; at least ``"global"``, plus whatever its similarity needs);
@@ -19,7 +20,6 @@ its L2-normalised global embeddings.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -30,17 +30,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from tbps.config import EvalConfig
-from tbps.data.images import ImagePathDataset, collate_images
 from tbps.engine.distributed import resolve_device
 from tbps.engine.metrics import default_chunk_size, rank_metrics_from_scores
 from tbps.errors import TBPSError
+from tbps.inference import Embedder, Features
 
-Features = dict[str, torch.Tensor]
 METRIC_ORDER = ("mAP", "mINP")
 
 __all__ = ["Evaluator", "checkpoint_evaluator", "evaluate_checkpoint", "format_metrics_table", "append_metrics_jsonl", "resolve_device"]
@@ -52,22 +48,6 @@ def _as_device(device: str | torch.device) -> torch.device:
 
 def _slice(features: Features, start: int, end: int) -> Features:
     return {key: value[start:end] for key, value in features.items()}
-
-
-def _as_features(output: Any, hook: str) -> Features:
-    if torch.is_tensor(output):
-        return {"global": output}
-    if not isinstance(output, dict) or not output or not all(torch.is_tensor(v) for v in output.values()):
-        raise TBPSError(f"model.{hook} must return a dict of tensors (e.g. {{'global': (B, D)}}), "
-                        f"got {type(output).__name__}")
-    return output
-
-
-def _concat(batches: list[Features], hook: str) -> Features:
-    keys = list(batches[0])
-    if any(list(b) != keys for b in batches):
-        raise TBPSError(f"model.{hook} returned different keys for different batches")
-    return {key: torch.cat([b[key] for b in batches]) for key in keys}
 
 
 class Evaluator:
@@ -96,60 +76,26 @@ class Evaluator:
         self.image_paths = [str(record.image_path) for record in self.records]
         if not self.captions:
             raise TBPSError("nothing to evaluate: the split's records have no captions")
-
-    # ------------------------------------------------------------------ hooks
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        """Mixed precision for embedding on CUDA only; CPU evaluation stays in float32."""
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-
-    def _embed(self, hook: str, fallback: str, inputs: torch.Tensor) -> Features:
-        if hasattr(self.model, hook):
-            return _as_features(getattr(self.model, hook)(inputs), hook)
-        return {"global": F.normalize(getattr(self.model, fallback)(inputs).float(), dim=-1)}
-
-    def similarity(self, text_feats: Features, image_feats: Features) -> torch.Tensor:
-        """The model's scoring hook, or the cosine of the global embeddings when it has none."""
-        if hasattr(self.model, "similarity"):
-            return self.model.similarity(text_feats, image_feats)
-        return text_feats["global"] @ image_feats["global"].t()
+        self.embedder = Embedder(model, tokenizer, image_transform, device=self.device,
+                                 batch_size=eval_cfg.batch_size, num_workers=num_workers)
 
     # ------------------------------------------------------------------ embedding
+    def similarity(self, text_feats: Features, image_feats: Features) -> torch.Tensor:
+        """The model's scoring hook, or the cosine of the global embeddings when it has none."""
+        return self.embedder.similarity(text_feats, image_feats)
+
     def embed_captions(self) -> Features:
         """Every caption, tokenised and embedded in batches of ``eval_cfg.batch_size``."""
-        batch_size = self.cfg.batch_size
-        outputs = []
-        starts = range(0, len(self.captions), batch_size)
-        for start in tqdm(starts, desc="embedding captions", unit="batch", disable=not self.progress,
-                          leave=False):
-            token_ids = self.tokenizer(self.captions[start:start + batch_size]).to(self.device)
-            with self._autocast():
-                outputs.append(self._embed("embed_texts", "encode_text", token_ids))
-        return {k: v.float() if v.is_floating_point() else v for k, v in _concat(outputs, "embed_texts").items()}
+        return self.embedder.embed_texts(self.captions, progress=self.progress)
 
     def embed_gallery(self) -> Features:
         """Every gallery image, decoded and embedded in batches of ``eval_cfg.batch_size``.
 
         The protocol scores every image of the split, so an unreadable one is an error naming it
         (the indexer, by contrast, skips and counts them)."""
-        loader = DataLoader(ImagePathDataset(self.image_paths, self.image_transform), batch_size=self.cfg.batch_size,
-                            shuffle=False, num_workers=self.num_workers, collate_fn=collate_images,
-                            pin_memory=self.device.type == "cuda")
-        outputs = []
-        seen = 0
-        for indices, images, bad in tqdm(loader, desc="embedding images", unit="batch", disable=not self.progress,
-                                         leave=False):
-            if bad:
-                raise TBPSError(f"{bad[0][1]}; the evaluation needs every image of the split "
-                                f"(tbps data check lists every unusable one)")
-            if indices[0] != seen:
-                raise TBPSError("gallery images arrived out of order from the data loader")
-            seen += len(indices)
-            with self._autocast():
-                outputs.append(self._embed("embed_images", "encode_image", images.to(self.device, non_blocking=True)))
-        return {k: v.float() if v.is_floating_point() else v for k, v in _concat(outputs, "embed_images").items()}
+        return self.embedder.embed_image_files(
+            self.image_paths, progress=self.progress,
+            unreadable_note="; the evaluation needs every image of the split (tbps data check lists every unusable one)")
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:

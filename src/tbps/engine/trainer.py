@@ -3,6 +3,13 @@
 It owns what the reference code gets wrong: model selection on val (never silently on test), an
 image check before the first step, atomic ``last.pt``/``best.pt`` and exact ``--resume`` (optimizer,
 scheduler, scaler, sampler and every RNG), and DDP under ``torchrun`` with the identity sampler.
+
+``Trainer`` is a :class:`~tbps.engine.train_loop.TrainerBase`: ``run_step`` is one optimiser step,
+and the progress bar, metrics, evaluation with best-model tracking, checkpoints and the step budget
+are hooks (``tbps.engine.hooks``). To change one part, subclass and override a ``build_*`` method
+(dataset, tokenizer, model, loader, optimizer, scheduler, hooks), or pass your own hooks:
+``train(cfg, hooks=[MyHook()])``. A model may define ``on_step_end()``: it runs after every optimiser
+step (TextReID's momentum update of its key encoders), never in a forward pass.
 """
 
 from __future__ import annotations
@@ -12,21 +19,23 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from tbps.config import Config, config_from_dict, save_config
 from tbps.errors import TBPSError
 from tbps.engine import distributed as D
 from tbps.engine.checkpoint import (capture_rng_state, fine_tuning_tokenizer, load_model_weights, read_checkpoint,
                                     restore_rng_state, save_checkpoint, unwrap)
-from tbps.engine.optim import build_optimizer, build_scheduler
+from tbps.engine import optim
+from tbps.engine.hooks import Checkpointer, Evaluation, MaxSteps, MetricsWriter, ProgressBar, TrainMetrics
+from tbps.engine.train_loop import HookBase, TrainerBase, TrainState
+from tbps.inference import amp_dtype
 from tbps.io import remove_stale_temp_files, write_text_atomic
 
 log = logging.getLogger("tbps.train")
@@ -38,29 +47,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: none on the CPU (fp32), bf16 where the GPU supports it, else fp16."""
-    if device.type != "cuda" or amp == "off":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp in ("bf16", "fp16"):
-        return torch.bfloat16 if amp == "bf16" else torch.float16
-    raise TBPSError(f"train.amp={amp!r}: choose auto, bf16, fp16 or off")
-
-
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # completed epochs
-    step: int = 0  # optimiser steps taken
-    batch_in_epoch: int = 0  # batches of the current epoch already consumed (mid-epoch resume)
-    best_metric: float = -1.0
-    best_epoch: int = -1
-    history: list[dict] = field(default_factory=list)
 
 
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "train_summary.json")
@@ -93,15 +81,20 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, main: bool = Tr
         shutil.rmtree(out / "tensorboard")
 
 
-class Trainer:
-    def __init__(self, cfg: Config, output_dir: str | Path | None = None, resume: bool = False,
-                 overwrite: bool = False) -> None:
-        from tbps.data.datasets import check_images, load_dataset
-        from tbps.data.loader import build_train_loader
-        from tbps.data.tokenizers import build_tokenizer
-        from tbps.data.transforms import build_image_transform
-        from tbps.models import build_model
+class Trainer(TrainerBase):
+    """``tbps train``: set-up from a config, one optimiser step per batch, the standard hooks.
 
+    Hooks read: ``cfg``, ``out``, ``dist``, ``device``, ``model`` (unwrapped), ``optimizer``,
+    ``scheduler``, ``steps_per_epoch``, ``eval_records``, ``pairs_per_s`` (this epoch, at the last
+    step), ``throughput()`` (now), ``validate()`` and ``save_checkpoint(name, resumable)``.
+    """
+
+    def __init__(self, cfg: Config, output_dir: str | Path | None = None, resume: bool = False,
+                 overwrite: bool = False, hooks: list[HookBase] | None = None) -> None:
+        from tbps.data.datasets import check_images
+        from tbps.data.transforms import build_image_transform
+
+        super().__init__()
         self.out = Path(output_dir or cfg.train.output_dir)
         self.dist = D.init_distributed(cfg.train.device)
         self.device = self.dist.device
@@ -120,7 +113,7 @@ class Trainer:
         self.cfg = cfg
         seed_everything(cfg.train.seed + self.dist.rank)
 
-        self.dataset = load_dataset(cfg.data.dataset, cfg.data.root)
+        self.dataset = self.build_dataset(cfg)
         if not self.dataset.train:
             raise TBPSError(f"{self.dataset.annotation_file}: the train split is empty")
         if cfg.data.check != "off" and self.dist.is_main:
@@ -136,23 +129,22 @@ class Trainer:
                              "id 49405)", cfg.train.init_checkpoint, tokenizer_name)
                 cfg = replace(cfg, data=replace(cfg.data, tokenizer=tokenizer_name))
                 self.cfg = cfg
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.text_length)
+        self.tokenizer = self.build_tokenizer(cfg)
         self.num_classes = self.dataset.num_train_ids
-        model = build_model(cfg, self.num_classes, self.tokenizer, load_pretrained=ckpt is None)
+        model = self.build_model(cfg, load_pretrained=ckpt is None)
         if init is not None:
             load_model_weights(model, init["model"], source=cfg.train.init_checkpoint)
         self.model = model.to(self.device)
-        self.loader, self.sampler = build_train_loader(cfg, self.dataset, self.tokenizer,
-                                                       rank=self.dist.rank, world_size=self.dist.world_size)
+        self.loader, self.sampler = self.build_train_loader(cfg)
         self.steps_per_epoch = len(self.sampler)
         if self.steps_per_epoch == 0:
             raise TBPSError(f"data.batch_size={cfg.data.batch_size} is larger than the training set allows "
                             "(no full batch per epoch); lower it")
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
+        self.max_epochs = cfg.train.epochs
+        self.optimizer = self.build_optimizer(cfg, self.model)
+        self.scheduler = self.build_scheduler(cfg, self.optimizer)
         self.autocast_dtype = amp_dtype(cfg.train.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
-        self.state = TrainState()
         if ckpt is not None:
             self._restore(ckpt)
         self.ddp_model = self.model
@@ -162,7 +154,51 @@ class Trainer:
                 find_unused_parameters=True)
         self.eval_records = self._eval_records()
         self.image_transform = build_image_transform(cfg.data.image_size, train=False)
-        self.writer = self._tensorboard()
+        self.pairs_per_s = 0.0
+        self._epoch_start, self._epoch_pairs = time.perf_counter(), 0
+        self.register_hooks(self.build_hooks())
+        self.register_hooks(hooks or [])
+
+    # ------------------------------------------------------------------ parts to override
+    def build_dataset(self, cfg: Config):
+        from tbps.data.datasets import load_dataset
+
+        return load_dataset(cfg.data.dataset, cfg.data.root)
+
+    def build_tokenizer(self, cfg: Config):
+        from tbps.data.tokenizers import build_tokenizer
+
+        return build_tokenizer(cfg.data.tokenizer, cfg.data.text_length)
+
+    def build_model(self, cfg: Config, load_pretrained: bool) -> torch.nn.Module:
+        """The method (on the CPU; the trainer moves it). ``load_pretrained`` is False on resume."""
+        from tbps.models import build_model
+
+        return build_model(cfg, self.num_classes, self.tokenizer, load_pretrained=load_pretrained)
+
+    def build_train_loader(self, cfg: Config):
+        """``(DataLoader, sampler)``; the sampler needs ``set_epoch``, ``state_dict`` and ``len``."""
+        from tbps.data.loader import build_train_loader
+
+        return build_train_loader(cfg, self.dataset, self.tokenizer, rank=self.dist.rank,
+                                  world_size=self.dist.world_size)
+
+    def build_optimizer(self, cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return optim.build_optimizer(model, cfg.optim)
+
+    def build_scheduler(self, cfg: Config, optimizer: torch.optim.Optimizer):
+        return optim.build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
+
+    def build_hooks(self) -> list[HookBase]:
+        """The standard hooks, in order (``Evaluation`` before ``Checkpointer``: best.pt first)."""
+        main = self.dist.is_main
+        tensorboard = self.out / "tensorboard" if self.cfg.train.tensorboard and main else None
+        return [MaxSteps(self.cfg.train.max_steps),
+                ProgressBar(enabled=main),
+                TrainMetrics(self.cfg.train.log_every),
+                MetricsWriter(self.out / "metrics.jsonl", tensorboard) if main else None,
+                Evaluation(self.cfg.train.eval_every),
+                Checkpointer()]
 
     # ------------------------------------------------------------------ set-up helpers
     def _eval_records(self):
@@ -181,15 +217,6 @@ class Trainer:
         if split not in ("val", "test"):
             raise TBPSError(f"train.eval_split={split!r}: choose val, test or none")
         return self.dataset.split(split)
-
-    def _tensorboard(self):
-        if not (self.cfg.train.tensorboard and self.dist.is_main):
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TBPSError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-        return SummaryWriter(str(self.out / "tensorboard"))
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         load_model_weights(self.model, ckpt["model"], source=str(self.out / "last.pt"))
@@ -258,7 +285,16 @@ class Trainer:
             write_text_atomic(path, "".join(kept))
 
     # ------------------------------------------------------------------ checkpoints and logs
-    def _save(self, name: str) -> None:
+    def save_checkpoint(self, name: str, resumable: bool) -> None:
+        """The one save path. ``resumable`` (``last.pt``): weights plus every piece of training state,
+        RNGs of all ranks gathered (every rank must call it); otherwise (``best.pt``) the weights with
+        the best score, epoch and step, written by the main process only."""
+        st = self.state
+        if not resumable:
+            if self.dist.is_main:
+                save_checkpoint(self.out / name, model=self.model, cfg=self.cfg, num_classes=self.num_classes,
+                                best_metric=st.best_metric, epoch=st.epoch, step=st.step)
+            return
         rng = {str(self.dist.rank): capture_rng_state()}
         if self.dist.enabled:
             gathered = [None] * self.dist.world_size
@@ -266,7 +302,6 @@ class Trainer:
             rng = {k: v for part in gathered for k, v in part.items()}
         if not self.dist.is_main:
             return
-        st = self.state
         save_checkpoint(
             self.out / name, model=self.model, cfg=self.cfg, num_classes=self.num_classes,
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
@@ -277,21 +312,13 @@ class Trainer:
             dataset=self.cfg.data.dataset,
         )
 
-    def _log_row(self, row: dict[str, Any]) -> None:
-        if not self.dist.is_main:
-            return
-        from tbps.engine.evaluator import append_metrics_jsonl
-
-        append_metrics_jsonl(self.out / "metrics.jsonl", row)
-        self.state.history.append(row)
-        if self.writer is not None:
-            prefix = row.get("split", "train")
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, row.get("step", 0))
+    def log_row(self, row: dict[str, Any]) -> None:
+        """A metrics row: to every hook's ``on_log`` (``metrics.jsonl``, TensorBoard), main process only."""
+        if self.dist.is_main:
+            super().log_row(row)
 
     # ------------------------------------------------------------------ loop
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def run_step(self, batch: dict[str, Any]) -> dict[str, float]:
         self.ddp_model.train()
         batch = move_batch(batch, self.device)
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
@@ -313,10 +340,46 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        on_step_end = getattr(self.model, "on_step_end", None)
+        if callable(on_step_end):  # the method's own per-step update (TextReID's momentum encoders)
+            on_step_end()
         self.state.step += 1
+        self.state.batch_in_epoch += 1
+        self._epoch_pairs += int(batch["images"].shape[0]) * self.dist.world_size
+        self.pairs_per_s = self.throughput()
         row = {"loss": float(total.detach())}
         row.update({k: float(v.detach()) for k, v in outputs.items() if torch.is_tensor(v) and v.numel() == 1})
         return row
+
+    def throughput(self) -> float:
+        """Training pairs per second since the epoch (or the resumed part of it) began, all ranks."""
+        return self._epoch_pairs / max(1e-9, time.perf_counter() - self._epoch_start)
+
+    def epoch_batches(self):
+        return self.loader
+
+    def before_epoch(self) -> None:
+        self.sampler.set_epoch(self.epoch_index)
+        self._epoch_start, self._epoch_pairs = time.perf_counter(), 0
+        super().before_epoch()
+
+    def end_epoch(self) -> None:
+        st = self.state
+        if st.batch_in_epoch >= self.steps_per_epoch:  # also when the step budget ends on the last batch
+            st.epoch += 1
+            st.batch_in_epoch = 0
+
+    def before_train(self) -> None:
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            params = sum(p.numel() for p in self.model.parameters())
+            log.info("training %s on %s: %d pairs, %d ids, %d steps/epoch, %d epochs, %.1fM params, device %s%s",
+                     cfg.model.name, cfg.data.dataset, len(self.loader.dataset), self.num_classes,
+                     self.steps_per_epoch, cfg.train.epochs, params / 1e6, self.device,
+                     f" x{self.dist.world_size}" if self.dist.enabled else "")
+        super().before_train()
 
     def validate(self) -> dict[str, float] | None:
         """Rank 0 evaluates on the selection split; every rank gets the result.
@@ -337,66 +400,9 @@ class Trainer:
         return D.broadcast_object(result, self.dist)
 
     def fit(self) -> dict[str, Any]:
-        cfg, st = self.cfg, self.state
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
-            params = sum(p.numel() for p in self.model.parameters())
-            log.info("training %s on %s: %d pairs, %d ids, %d steps/epoch, %d epochs, %.1fM params, device %s%s",
-                     cfg.model.name, cfg.data.dataset, len(self.loader.dataset), self.num_classes,
-                     self.steps_per_epoch, cfg.train.epochs, params / 1e6, self.device,
-                     f" x{self.dist.world_size}" if self.dist.enabled else "")
-        max_steps = cfg.train.max_steps
-        stopped_early = False
-        while st.epoch < cfg.train.epochs and not stopped_early:
-            epoch = st.epoch
-            self.sampler.set_epoch(epoch)
-            bar = tqdm(total=self.steps_per_epoch, initial=st.batch_in_epoch, disable=not self.dist.is_main,
-                       desc=f"epoch {epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True, leave=False)
-            t0, pairs = time.perf_counter(), 0
-            running: dict[str, float] = {}
-            for batch in self.loader:
-                row = self.train_step(batch)
-                st.batch_in_epoch += 1
-                pairs += int(batch["images"].shape[0]) * self.dist.world_size
-                for k, v in row.items():
-                    running[k] = running.get(k, 0.0) * 0.9 + v * 0.1 if k in running else v
-                rate = pairs / max(1e-9, time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{running['loss']:.3f}", pairs_s=f"{rate:.0f}")
-                bar.update(1)
-                if st.step % cfg.train.log_every == 0 or st.step == 1:
-                    self._log_row({"split": "train", "epoch": epoch + st.batch_in_epoch / self.steps_per_epoch,
-                                   "step": st.step, "lr": self.optimizer.param_groups[0]["lr"],
-                                   "pairs_per_s": rate, **row})
-                if max_steps and st.step >= max_steps:
-                    stopped_early = True
-                    break
-            bar.close()
-            if st.batch_in_epoch >= self.steps_per_epoch:  # also when the step budget ends on the last batch
-                st.epoch += 1
-                st.batch_in_epoch = 0
-            if self.dist.is_main:
-                log.info("epoch %d: loss %.4f, %.0f pairs/s", epoch + 1, running.get("loss", float("nan")),
-                         pairs / max(1e-9, time.perf_counter() - t0))
-            should_eval = stopped_early or st.epoch == cfg.train.epochs or (
-                cfg.train.eval_every > 0 and st.epoch % cfg.train.eval_every == 0)
-            metrics = self.validate() if should_eval else None
-            if metrics is not None:
-                self._log_row({"split": cfg.train.eval_split, "epoch": st.epoch, "step": st.step,
-                               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-                if self.dist.is_main:
-                    log.info("%s R1 %.3f R5 %.3f R10 %.3f mAP %.3f mINP %.3f", cfg.train.eval_split,
-                             metrics["R1"], metrics["R5"], metrics["R10"], metrics["mAP"], metrics["mINP"])
-            improved = metrics is not None and metrics["R1"] > st.best_metric
-            if improved:
-                st.best_metric, st.best_epoch = float(metrics["R1"]), st.epoch
-            # best.pt first: last.pt must never record a best score that no file holds
-            if self.dist.is_main and (improved or self.eval_records is None):
-                save_checkpoint(self.out / "best.pt", model=self.model, cfg=cfg, num_classes=self.num_classes,
-                                best_metric=st.best_metric, epoch=st.epoch, step=st.step)
-            self._save("last.pt")
-        if self.writer is not None:
-            self.writer.close()
+        """Train to the end (or the step budget); returns the run's summary (also train_summary.json)."""
+        self.train()
+        st = self.state
         D.barrier(self.dist)
         summary = {"output_dir": str(self.out), "epochs": st.epoch, "steps": st.step,
                    "best_R1": st.best_metric if st.best_metric >= 0 else None, "best_epoch": st.best_epoch,
@@ -408,11 +414,12 @@ class Trainer:
 
 
 def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = False,
-          overwrite: bool = False) -> dict[str, Any]:
+          overwrite: bool = False, hooks: list[HookBase] | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``output_dir``; with ``resume`` continue exactly from its ``last.pt``.
 
-    A fresh run refuses a folder that holds another run unless ``overwrite`` (which deletes it)."""
-    trainer = Trainer(cfg, output_dir=output_dir, resume=resume, overwrite=overwrite)
+    A fresh run refuses a folder that holds another run unless ``overwrite`` (which deletes it).
+    ``hooks`` run after the standard ones (``tbps.engine.train_loop.HookBase``)."""
+    trainer = Trainer(cfg, output_dir=output_dir, resume=resume, overwrite=overwrite, hooks=hooks)
     try:
         return trainer.fit()
     finally:

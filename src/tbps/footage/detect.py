@@ -78,8 +78,9 @@ class HOGDetector:
 
     def __init__(self, min_score: float = 0.0, shrink: tuple[float, float] = (0.55, 0.9), scale: float = 1.05,
                  nms: float = 0.3, upscale: float = 1.0) -> None:
-        import cv2
+        from tbps.extras import require
 
+        cv2 = require("cv2", "footage", "the HOG person detector")
         self.cv2 = cv2
         self.hog = cv2.HOGDescriptor()
         self.hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())

@@ -66,8 +66,9 @@ def _fit(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3) -> tuple[np
 def train_hog_detector(scenes: Sequence[str | os.PathLike], out: str | os.PathLike, negatives_per_frame: int = 12,
                        seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Train on the frames of the given scenes folders; write ``out`` (.npz); return counts."""
-    import cv2
+    from tbps.extras import require
 
+    cv2 = require("cv2", "footage", "tbps train-detector")
     rng = np.random.default_rng(seed)
     hog = cv2.HOGDescriptor()
     frames = []

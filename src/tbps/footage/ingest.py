@@ -160,8 +160,9 @@ def find_sources(footage: str | os.PathLike, manifest: str | os.PathLike | None 
 def sample_video(path: str | os.PathLike, sample_fps: float | None = None) -> Iterator[tuple[int, float, Image.Image]]:
     """``(frame number, seconds from the start, RGB image)`` of a video, one frame per 1/``sample_fps``
     seconds (every frame when None). A file that cannot be decoded is a one-line TBPSError."""
-    import av
+    from tbps.extras import require
 
+    av = require("av", "footage", "reading video files")
     if sample_fps is not None and sample_fps <= 0:
         raise TBPSError(f"sample rate must be positive, got {sample_fps} frames per second")
     try:

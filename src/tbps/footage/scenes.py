@@ -151,8 +151,9 @@ def render_frame(background: Image.Image, tracks: list[Track], frame: int,
 
 def _write_video(path: Path, frames: list[Image.Image], fps: int) -> None:
     """H.264 MP4 through PyAV, written to a temporary name and renamed (never half a video)."""
-    import av
+    from tbps.extras import require
 
+    av = require("av", "footage", "writing videos (tbps synth --scenes; --no-videos writes frames only)")
     with atomic_path(path) as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=fps)

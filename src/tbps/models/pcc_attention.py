@@ -50,9 +50,9 @@ def draw_part_attention(image: Tensor, words: Sequence[str], image_attention: Te
     ``image``: (3, H, W) in [0, 1]; ``image_attention``: (K, h, w) over the feature map;
     ``text_attention``: (K, len(words)); ``stripes``: the K row ranges of the map.
     """
-    import matplotlib
+    from tbps.extras import require
 
-    matplotlib.use("Agg")
+    require("matplotlib", "plots", "the PCC attention figure").use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 

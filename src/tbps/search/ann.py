@@ -15,6 +15,7 @@ when the gallery has grown, the model's fingerprint changed, or another kind or 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tbps.errors import TBPSError
+from tbps.extras import available, require
 from tbps.io import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -43,12 +45,26 @@ IVF_TRAIN_PER_LIST = 64  # k-means training points per list
 
 
 def resolve_backend(backend: str, size: int) -> str:
-    """``auto`` -> ``exact`` or ``faiss-hnsw`` by gallery size; other names are checked and returned."""
+    """``auto`` -> ``exact`` or ``faiss-hnsw`` by gallery size; other names are checked and returned.
+
+    Without FAISS installed (the ``faiss`` extra), ``auto`` stays exact at any size (slower on a large
+    gallery, never less accurate) and says so once; naming a FAISS backend is an error naming the extra."""
     if backend not in BACKENDS:
         raise TBPSError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "faiss-hnsw" if size >= AUTO_FAISS_MIN else "exact"
+        if size < AUTO_FAISS_MIN:
+            return "exact"
+        if not available("faiss"):
+            _warn_no_faiss(size)
+            return "exact"
+        return "faiss-hnsw"
     return backend
+
+
+@functools.cache
+def _warn_no_faiss(size: int) -> None:
+    log.warning("%d images: exact search, as FAISS is not installed (pip install 'tbps[faiss]' for the faster "
+                "HNSW first stage)", size)
 
 
 def _merge_topk(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,11 +122,7 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 def _faiss():
-    try:
-        import faiss
-    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
-        raise TBPSError("the FAISS backends need faiss-cpu (pip install faiss-cpu)") from None
-    return faiss
+    return require("faiss", "faiss", "the FAISS backends (faiss-hnsw, faiss-ivf)")
 
 
 def ivf_lists(size: int) -> int:

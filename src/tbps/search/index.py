@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -47,6 +46,7 @@ from tqdm import tqdm
 from tbps import __version__
 from tbps.data.images import IMAGE_EXTENSIONS, ImagePathDataset, collate_images
 from tbps.errors import TBPSError
+from tbps.inference import Embedder
 from tbps.io import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ FORMAT_VERSION = 2  # 2: paths relative to the manifest's image_root
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 DEFAULT_SHARD_SIZE = 2048
-_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 # ----------------------------------------------------------------------------- gallery listing
@@ -241,24 +240,6 @@ def _write_shard(root: Path, name: str, paths: list[str], features: dict[str, np
     _write_json_atomic(root / SHARDS / f"{name}.paths.json", paths)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-
-
-def _as_feature_dict(output: Any) -> dict[str, torch.Tensor]:
-    if torch.is_tensor(output):
-        output = {"global": output}
-    if not isinstance(output, dict) or "global" not in output or not all(torch.is_tensor(v) for v in output.values()):
-        raise TBPSError("model.embed_images must return a dict of tensors with a 'global' entry")
-    for key in output:
-        if not _KEY_PATTERN.match(key):
-            raise TBPSError(f"model.embed_images returned the key {key!r}: index feature names must be "
-                            "letters, digits and underscores")
-    return output
-
-
 def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
@@ -364,6 +345,7 @@ def _build_locked(checkpoint: str | os.PathLike, listed: list[str], image_root: 
     added = 0
     bar = tqdm(total=len(todo), desc="indexing images", unit="img", disable=not progress)
     model.eval()
+    embedder = Embedder(model, device=dev, batch_size=batch_size)
     # one DataLoader per shard keeps every shard's rows in one place and the loop resumable
     for shard_paths in _chunks(todo, shard_size):
         loader = DataLoader(ImagePathDataset(shard_paths, transform), batch_size=batch_size, shuffle=False,
@@ -375,10 +357,8 @@ def _build_locked(checkpoint: str | os.PathLike, listed: list[str], image_root: 
                 log.warning("skipped unreadable image: %s", error)
                 skipped.append(shard_paths[position])
             if batch is not None:
-                with torch.inference_mode(), _autocast(dev):
-                    feats = _as_feature_dict(model.embed_images(batch.to(dev, non_blocking=True)))
-                for key, value in feats.items():  # float features as float32; masks and ids keep their type
-                    value = value.float() if value.is_floating_point() else value
+                feats = embedder.image_batch(batch)  # float features as float32; masks and ids keep their type
+                for key, value in feats.items():
                     outputs.setdefault(key, []).append(value.cpu().numpy())
                 kept.extend(shard_paths[p] for p in positions)
             bar.update(len(positions) + len(bad))

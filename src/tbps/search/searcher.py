@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from tbps.errors import TBPSError
+from tbps.inference import Embedder
 from tbps.search.ann import FaissIndex, ensure_ann, exact_topk, resolve_backend
 from tbps.search.index import GalleryIndex, model_fingerprint
 from tbps.search.rerank import has_fine_similarity, rerank as rerank_shortlists
@@ -59,6 +60,7 @@ class Searcher:
                             "it was built with)")
         self.device = resolve_device(device)
         self.model, self.cfg, self.tokenizer = load_model_from_checkpoint(checkpoint, self.device)
+        self.embedder = Embedder(self.model, self.tokenizer, device=self.device, batch_size=QUERY_BATCH)
         fingerprint = model_fingerprint(self.model, self.cfg)
         if fingerprint != self.index.fingerprint:
             raise TBPSError(f"{checkpoint}: not the model this index was built with (fingerprint "
@@ -75,12 +77,9 @@ class Searcher:
         self.last_timing: dict[str, float] = {}
 
     # ------------------------------------------------------------------ stages
-    @torch.inference_mode()
     def embed_queries(self, queries: list[str]) -> dict[str, torch.Tensor]:
-        """The model's query features, batch first, on the model's device."""
-        parts = [self.model.embed_texts(self.tokenizer(queries[s:s + QUERY_BATCH]).to(self.device))
-                 for s in range(0, len(queries), QUERY_BATCH)]
-        return {key: torch.cat([p[key] for p in parts]).float() for key in parts[0]}
+        """The model's query features (float32), batch first, on the model's device."""
+        return self.embedder.embed_texts(queries)
 
     def shortlist(self, query_global: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """First stage: ``(scores, rows)`` ``(Q, k)`` by the global embedding (rows -1 = none)."""

@@ -253,6 +253,12 @@ class TextReID(TBPSModel):
             for param_q, param_k in zip(online.parameters(), key.parameters(), strict=True):
                 param_k.mul_(m).add_(param_q.detach(), alpha=1.0 - m)
 
+    def on_step_end(self) -> None:
+        """After every optimiser step (the trainer calls it), never in a forward pass: the key
+        encoders follow the online ones, so this step's keys come from the encoders of the last."""
+        if "moco" in self.loss_weights:
+            self.momentum_update()
+
     @torch.no_grad()
     def encode_keys(self, images: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised image and text keys from the momentum encoders (and the online projections)."""
@@ -310,8 +316,6 @@ class TextReID(TBPSModel):
                 image_feats, text_feats, pids, alpha=opts.align_alpha, beta=opts.align_beta,
                 scale_pos=opts.align_scale_pos, scale_neg=opts.align_scale_neg)
         if "moco" in weights:
-            if self.training:
-                self.momentum_update()
             image_keys, text_keys = self.encode_keys(images, token_ids)
             out["loss_moco"] = weights["moco"] * self.moco_loss(image_feats, text_feats, image_keys,
                                                                  text_keys, pids)
