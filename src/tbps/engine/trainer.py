@@ -8,8 +8,8 @@ scheduler, scaler, sampler and every RNG), and DDP under ``torchrun`` with the i
 and the progress bar, metrics, evaluation with best-model tracking, checkpoints and the step budget
 are hooks (``tbps.engine.hooks``). To change one part, subclass and override a ``build_*`` method
 (dataset, tokenizer, model, loader, optimizer, scheduler, hooks), or pass your own hooks:
-``train(cfg, hooks=[MyHook()])``. A model may define ``on_step_end()``: it runs after every optimiser
-step (TextReID's momentum update of its key encoders), never in a forward pass.
+``train(cfg, hooks=[MyHook()])``. A model's ``on_step_end()`` (``TBPSModel``: nothing by default) runs
+after every optimiser step (TextReID's momentum update of its key encoders), never in a forward pass.
 """
 
 from __future__ import annotations
@@ -340,9 +340,7 @@ class Trainer(TrainerBase):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        on_step_end = getattr(self.model, "on_step_end", None)
-        if callable(on_step_end):  # the method's own per-step update (TextReID's momentum encoders)
-            on_step_end()
+        self.model.on_step_end()  # the method's own per-step update (TextReID's momentum encoders)
         self.state.step += 1
         self.state.batch_in_epoch += 1
         self._epoch_pairs += int(batch["images"].shape[0]) * self.dist.world_size

@@ -50,6 +50,10 @@ class TBPSModel(nn.Module):
             prefixes.append("text_encoder.backbone.")
         self.backbone_prefixes = tuple(prefixes)
 
+    def on_step_end(self) -> None:
+        """Called by the trainer after every optimiser step (never in a forward pass): the place for a
+        method's own per-step update, such as TextReID's momentum encoders. Nothing by default."""
+
     def encode_image(self, images: Tensor) -> Tensor:
         """Global image embedding ``(B, D)``, not normalised."""
         raise NotImplementedError(f"{type(self).__name__} must implement encode_image")
