@@ -28,11 +28,12 @@ def _load() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def run(name: str, ids: int, threads: int, workers: int, data: Path, out: Path, overrides: list[str]) -> dict:
+def run(name: str, ids: int, threads: int, workers: int, data: Path, out: Path, overrides: list[str],
+        images_per_id: int = 4) -> dict:
     from tbps.demo import _ensure_dataset
 
-    root = data / f"ids{ids}"
-    _ensure_dataset(root, ids, 4, 384, 128, 1)
+    root = data / (f"ids{ids}" if images_per_id == 4 else f"ids{ids}x{images_per_id}")
+    _ensure_dataset(root, ids, images_per_id, 384, 128, 1)
     run_dir = out / name
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     tbps = [sys.executable, "-m", "tbps"]
@@ -47,7 +48,7 @@ def run(name: str, ids: int, threads: int, workers: int, data: Path, out: Path, 
     log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     val = [round(r["R1"], 1) for r in log if "R1" in r and r.get("split", "val") == "val"]
     pairs = [r["pairs_per_s"] for r in log if "pairs_per_s" in r]
-    row = {"name": name, "ids": ids, "overrides": overrides, "threads": threads, "workers": workers,
+    row = {"name": name, "ids": ids, "images_per_id": images_per_id, "overrides": overrides, "threads": threads, "workers": workers,
            "test_R1": test["R1"], "test_mAP": test["mAP"], "val_R1": val, "train_minutes": round(minutes, 2),
            "pairs_per_s": round(sum(pairs) / len(pairs), 1) if pairs else None,
            "load": [load_start, load_end], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -61,10 +62,11 @@ def table() -> None:
     if not RESULTS.is_file():
         raise SystemExit(f"{RESULTS}: no rows yet (run one with: demo_sweep.py run NAME key=value ...)")
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    print("| name | settings | val R1 by epoch | test R1 | test mAP | train min | pairs/s | load |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
+    print("| name | ids x images | settings | val R1 by epoch | test R1 | test mAP | train min | pairs/s | load |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
-        print(f"| {r['name']} | `{' '.join(r['overrides'])}` | {', '.join(map(str, r['val_R1']))} | "
+        ids = f"{r['ids']}x{r.get('images_per_id', 4)}"
+        print(f"| {r['name']} | {ids} | `{' '.join(r['overrides'])}` | {', '.join(map(str, r['val_R1']))} | "
               f"{r['test_R1']:.1f} | {r['test_mAP']:.1f} | {r['train_minutes']:.1f} | {r['pairs_per_s']} | "
               f"{r['load'][0]:.1f}-{r['load'][1]:.1f} |")
 
@@ -189,6 +191,7 @@ def main() -> None:
     one.add_argument("name")
     one.add_argument("overrides", nargs="*", help="key=value changes to configs/demo_cpu.yaml")
     one.add_argument("--ids", type=int, default=500, help="identities (tbps demo: 500, --quick: 200)")
+    one.add_argument("--images-per-id", type=int, default=4, help="images of each identity (tbps demo: 4)")
     one.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the runs")
     one.add_argument("--workers", type=int, default=1, help="data.num_workers")
     one.add_argument("--data", type=Path, default=Path("runs/demo_sweep/data"))
@@ -206,7 +209,8 @@ def main() -> None:
         print(json.dumps(diagnose(args.checkpoint, args.probe), indent=1))
     else:
         overrides = [*args.overrides, *extra]
-        print(json.dumps(run(args.name, args.ids, args.threads, args.workers, args.data, args.out, overrides)))
+        print(json.dumps(run(args.name, args.ids, args.threads, args.workers, args.data, args.out, overrides,
+                             args.images_per_id)))
 
 
 if __name__ == "__main__":
