@@ -27,7 +27,8 @@ new-module rate): the map is projected to the joint width D, a mean token is pre
 embeddings are added, and one multi-head attention with the mean token as query pools it. Its
 output is the global embedding; every position's value path (``c_proj(v_proj(x_i + pos_i))``) gives
 the spatial tokens, and the attention of every token over all tokens is the last-layer attention
-that FCSA's saliency and CFFA's FLFR read.
+that FCSA's saliency and CFFA's FLFR read. ``model.image_stripes`` adds a horizontal-band term to the
+global embedding (:class:`AttentionPoolHead`), which keeps which colour sits where.
 
 Normalisation: tbps's image transform normalises with CLIP's mean/std for every encoder; these
 networks were trained on ImageNet statistics, so the trunk first maps the input to them (a fixed
