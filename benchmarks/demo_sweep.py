@@ -94,14 +94,17 @@ def diagnose(checkpoint: Path, probe: bool) -> dict:
     """Where a trained demo model's test errors come from, and whether the frozen features hold each attribute.
 
     1. Test text-to-image: for every query whose top image is another person, which of the caption's
-       stated attributes that person lacks (the attributes the model confused), and how many stated
-       attributes the wrong person matched. 2. R1 on 100 training people (same gallery size as the
+       stated attributes that person lacks (the attributes the model confused), how many stated
+       attributes the wrong person matched, and how often it shows every stated colour on some garment
+       (a bag-of-colours match); the text embedding's cosine between a caption and the same caption
+       with two garments' colours swapped. 2. R1 on 100 training people (same gallery size as the
        test split): the gap to test R1 is memorisation. 3. With ``probe``: per attribute, a logistic
        regression on the frozen blocks' (cached) output and on the trained global embedding, fit on
        the training images and scored on the test images, against always guessing the majority value.
     """
     import numpy as np
     import torch
+    import torch.nn.functional as F
     from PIL import Image
     from sklearn.linear_model import LogisticRegression
 
@@ -126,7 +129,8 @@ def diagnose(checkpoint: Path, probe: bool) -> dict:
     top = sims.argmax(dim=1).tolist()
     confused: dict[str, int] = {}
     stated: dict[str, int] = {}
-    wrong, matched, unresolvable = 0, [], 0
+    wrong, matched, unresolvable, all_colours_shown = 0, [], 0, 0
+    colour_keys = ("upper_colour", "lower_colour", "shoe_colour", "bag_colour", "hair_colour", "headwear_colour")
     for q, (pid, said) in enumerate(zip(query_pids, mentions)):
         for key in said:
             stated[key] = stated.get(key, 0) + 1
@@ -135,14 +139,25 @@ def diagnose(checkpoint: Path, probe: bool) -> dict:
             continue
         wrong += 1
         lacks = [k for k, v in said.items() if getattr(people[other], k) != v]
+        # a bag-of-colours match: every stated colour is somewhere on the wrong person
+        all_colours_shown += {said[k] for k in colour_keys if k in said} <= {getattr(people[other], k)
+                                                                            for k in colour_keys}
         matched.append(len(said) - len(lacks))
         unresolvable += not lacks
         for key in lacks:
             confused[key] = confused.get(key, 0) + 1
     out: dict = {"checkpoint": str(checkpoint), "test_R1": 100.0 * (1 - wrong / len(top)), "wrong": wrong,
-                 "wrong_fits_caption": unresolvable,
+                 "wrong_fits_caption": unresolvable, "wrong_shows_every_stated_colour": all_colours_shown,
                  "stated_attributes_the_wrong_person_matched": float(np.mean(matched)) if matched else 0.0,
                  "confused": {k: [confused[k], stated[k]] for k in sorted(confused, key=confused.get, reverse=True)}}
+    # colour binding in the text embedding: a caption against its garment colours swapped, a paraphrase, another colour
+    model = evaluator.model
+    probes = ["A man in a red shirt, black jeans and white shoes.", "A man in a black shirt, red jeans and white shoes.",
+              "A man wearing white shoes, black jeans and a red shirt.", "A man in a blue shirt, black jeans and white shoes."]
+    with torch.inference_mode():
+        e = F.normalize(evaluator._embed("embed_texts", "encode_text", evaluator.tokenizer(probes))["global"].float(), dim=-1)
+    out["text_cosine"] = {name: round(float(e[0] @ e[i]), 3) for i, name in
+                          ((1, "colours_swapped"), (2, "paraphrase"), (3, "other_shirt_colour"))}
     # memorisation: R1 on the first 100 training people (their captions were trained on)
     train_all, _, _ = checkpoint_evaluator(checkpoint, split="train", device="cpu", progress=False, num_workers=0)
     keep = set(sorted({r.pid for r in train_all.records})[:100])
