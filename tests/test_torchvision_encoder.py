@@ -150,6 +150,37 @@ def test_encoder_outputs_and_frozen_blocks(arch, last_stride, grid):
         tv.build_trunk(arch, "", last_stride, 99)
 
 
+
+def test_stripe_term_matches_a_direct_computation_and_keeps_where_things_are():
+    torch.manual_seed(0)
+    grid, width = (4, 2), 16
+    head = tv.AttentionPoolHead(8, width, grid, 2, stripes=2).eval()
+    plain = tv.AttentionPoolHead(8, width, grid, 2, stripes=0).eval()
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("stripe_proj.")})
+    fmap = torch.randn(3, 8, *grid)
+    x = head.input_proj(fmap.flatten(2).transpose(1, 2)).view(3, grid[0], grid[1], width)  # (B, h, w, D)
+    bands = torch.cat([x[:, :2].mean(dim=(1, 2)), x[:, 2:].mean(dim=(1, 2))], dim=1)  # top rows, then bottom
+    out = head(fmap)
+    torch.testing.assert_close(out["global"], plain(fmap)["global"] + head.stripe_proj(bands))
+    torch.testing.assert_close(out["tokens"][:, 0], out["global"])
+    # order matters: the upside-down map gives the bands swapped (bottom band first)
+    upside_down = x.flip(1).permute(0, 3, 1, 2)
+    swapped = torch.cat([bands[:, width:], bands[:, :width]], dim=1)
+    torch.testing.assert_close(head.stripe_term(upside_down), head.stripe_proj(swapped))
+    assert not torch.allclose(head.stripe_term(upside_down), head.stripe_term(x.permute(0, 3, 1, 2)))
+    with pytest.raises(TBPSError, match="image_stripes=5: the feature map has 4 rows"):
+        tv.AttentionPoolHead(8, width, grid, 2, stripes=5)
+
+
+def test_image_stripes_config_key_reaches_the_encoder():
+    from tbps.models.backbones import build_image_encoder
+
+    cfg = tiny_config("irra", None, {}, image_backbone="mobilenet_v2", text="minilm", embed_dim=32,
+                      resnet_last_stride=1, image_stripes=4)
+    encoder = build_image_encoder(cfg.model, (64, 32))
+    assert encoder.head.stripes == 4 and encoder.head.stripe_proj.in_features == 4 * 32
+    assert encoder(torch.randn(2, 3, 64, 32))["global"].shape == (2, 32)
+
 # ----------------------------------------------------------------------------- the six methods
 
 LENGTH = 16

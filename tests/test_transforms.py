@@ -82,3 +82,17 @@ def test_denormalize_inverts_normalisation():
 def test_bad_image_size(size):
     with pytest.raises(TBPSError, match="image_size"):
         build_image_transform(size, train=False)
+
+
+def test_flip_only_gives_two_views_the_plain_one_and_its_mirror():
+    img = _noise_image()
+    plain = build_image_transform([32, 16], train=False)(img)
+    tf = build_image_transform(DataConfig(image_size=[32, 16], augment=False, flip=True), train=True)
+    assert [type(t) for t in tf.transforms] == [T.Resize, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    torch.manual_seed(0)
+    views = {tuple(tf(img).flatten().tolist()) for _ in range(20)}
+    assert views == {tuple(plain.flatten().tolist()), tuple(plain.flip(-1).flatten().tolist())}
+    # evaluation never flips, and IRRA's full augmentation (which flips already) is unchanged by the key
+    assert torch.equal(build_image_transform(DataConfig(image_size=[32, 16], flip=True), train=False)(img), plain)
+    full = build_image_transform(DataConfig(image_size=[32, 16], flip=True), train=True)
+    assert [type(t) for t in full.transforms][:3] == [T.Resize, T.RandomHorizontalFlip, T.Pad]

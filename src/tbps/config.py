@@ -43,6 +43,7 @@ class DataConfig:
     positives: int = 0  # other same-identity (image, caption) pairs attached to each training sample (FCSA)
     num_workers: int = 4
     augment: bool = True  # IRRA's train augmentation (flip, pad+crop, random erasing)
+    flip: bool = False  # with augment=false: a random horizontal flip only (two views per image, both cacheable)
     check: str = "exists"  # image check before training: "exists", "decode" or "off"
 
 
@@ -60,6 +61,7 @@ class ModelConfig:
     resnet_last_stride: int = 2  # CLIP ModifiedResNet / torchvision CNNs: 1 drops the last down-sampling (stride 16)
     image_frozen_layers: int = 0  # torchvision CNNs: this many lowest blocks stay fixed (MobileNetV2: of 19)
     image_frozen_cache: bool = False  # with frozen blocks: keep their output per image (pays with data.augment=false)
+    image_stripes: int = 0  # torchvision CNNs: add a term from this many horizontal bands of the map to the global embedding
     temperature: float = 0.02  # similarity scale 1/temperature in SDM / ITC / CMPM
     quick_gelu: str = "auto"  # CLIP towers: "on" (QuickGELU) / "off" (GELU); "auto": the weight file's format, else the architecture's
     pos_interpolation: str = "bilinear"  # CLIP ViT / RN: how a checkpoint's position grid is resized ("bicubic", "nearest")
@@ -145,6 +147,7 @@ BOUNDS: tuple[tuple[str, float, float | None], ...] = (
     ("data.text_length", 2, 4096), ("data.batch_size", 1, None), ("data.num_instances", 1, None),
     ("data.positives", 0, None), ("data.num_workers", 0, 256),
     ("model.text_frozen_layers", 0, None), ("model.embed_dim", 1, None), ("model.resnet_last_stride", 1, 2),
+    ("model.image_stripes", 0, None),
     ("optim.lr", 0, None), ("optim.new_lr_factor", 0, None), ("optim.bias_lr_factor", 0, None),
     ("optim.weight_decay", 0, None), ("optim.weight_decay_bias", 0, None), ("optim.momentum", 0, 1),
     ("optim.warmup_epochs", 0, None), ("optim.warmup_factor", 0, None), ("optim.min_lr", 0, None),

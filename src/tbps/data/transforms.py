@@ -35,21 +35,26 @@ def _image_size(image_size: Any) -> tuple[int, int]:
 
 
 def build_image_transform(
-    image_size: Sequence[int] | Any, train: bool, augment: bool = True
+    image_size: Sequence[int] | Any, train: bool, augment: bool = True, flip: bool = False
 ) -> T.Compose:
     """PIL image -> normalised float tensor (3, H, W).
 
     ``image_size`` is ``[height, width]``, or a ``DataConfig`` (its ``image_size`` and ``augment``
     are used). Test: bicubic resize, CLIP normalisation. Train with ``augment``: IRRA's recipe
     (flip, pad 10 + random crop back to size, random erasing with scale 0.02-0.4). Random erasing
-    fills with the CLIP mean values in normalised space, exactly as IRRA does.
+    fills with the CLIP mean values in normalised space, exactly as IRRA does. Train without
+    ``augment`` but with ``flip``: the horizontal flip alone, so each image has just two pixel views
+    (what a frozen-block cache can keep).
     """
     if hasattr(image_size, "image_size"):  # a DataConfig
         augment = augment and bool(getattr(image_size, "augment", True))
+        flip = flip or bool(getattr(image_size, "flip", False))
         image_size = image_size.image_size
     height, width = _image_size(image_size)
     resize = T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC)
     to_tensor = [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    if train and not augment and flip:
+        return T.Compose([resize, T.RandomHorizontalFlip(0.5), *to_tensor])
     if not (train and augment):
         return T.Compose([resize, *to_tensor])
     return T.Compose(

@@ -27,7 +27,8 @@ new-module rate): the map is projected to the joint width D, a mean token is pre
 embeddings are added, and one multi-head attention with the mean token as query pools it. Its
 output is the global embedding; every position's value path (``c_proj(v_proj(x_i + pos_i))``) gives
 the spatial tokens, and the attention of every token over all tokens is the last-layer attention
-that FCSA's saliency and CFFA's FLFR read.
+that FCSA's saliency and CFFA's FLFR read. ``model.image_stripes`` adds a horizontal-band term to the
+global embedding (:class:`AttentionPoolHead`), which keeps which colour sits where.
 
 Normalisation: tbps's image transform normalises with CLIP's mean/std for every encoder; these
 networks were trained on ImageNet statistics, so the trunk first maps the input to them (a fixed
@@ -324,23 +325,47 @@ def attention_pool(seq: Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn
 
 
 class AttentionPoolHead(nn.Module):
-    """Linear(C -> D) on each map position, then CLIP's attention pool at width D (new weights)."""
+    """Linear(C -> D) on each map position, then CLIP's attention pool at width D (new weights).
 
-    def __init__(self, in_channels: int, width: int, grid: tuple[int, int], num_heads: int) -> None:
+    With ``stripes`` > 0 the global embedding also gets a horizontal-stripe term (as PCB's parts): the
+    projected map is averaged over its width into ``stripes`` bands top to bottom, and one linear
+    layer maps their concatenation to D, added to the pooled vector:
+    ``global = attention_pool(x) + W [mean_w x_band1; ...; mean_w x_bandS]``. Why: the attention pool
+    sums value vectors whose position enters only additively (``v(x_i + pos_i)``), so "a red top over
+    blue trousers" and "a blue top over red trousers" pool to nearly the same vector; the bands keep
+    which colour sits where (head, torso, legs, feet), which the captions state.
+    """
+
+    def __init__(self, in_channels: int, width: int, grid: tuple[int, int], num_heads: int, stripes: int = 0) -> None:
         super().__init__()
         if width % num_heads:
             raise TBPSError(f"model.embed_dim={width} is not divisible by the attention pool's {num_heads} heads")
+        if not 0 <= stripes <= grid[0]:
+            raise TBPSError(f"model.image_stripes={stripes}: the feature map has {grid[0]} rows (0 turns it off)")
         self.input_proj = nn.Linear(in_channels, width)
         self.positional_embedding = nn.Parameter(torch.randn(1 + grid[0] * grid[1], width) / width ** 0.5)
         self.q_proj, self.k_proj = nn.Linear(width, width), nn.Linear(width, width)
         self.v_proj, self.c_proj = nn.Linear(width, width), nn.Linear(width, width)
         self.num_heads = num_heads
+        self.stripes = int(stripes)
+        self.stripe_proj = nn.Linear(width * self.stripes, width) if self.stripes else None
+
+    def stripe_term(self, projected: Tensor) -> Tensor:
+        """``W concat(band means)`` for the projected map (B, D, h, w): (B, D)."""
+        bands = F.adaptive_avg_pool2d(projected, (self.stripes, 1))[..., 0]  # (B, D, S), top band first
+        return self.stripe_proj(bands.transpose(1, 2).flatten(1))  # [band 1 (D); band 2 (D); ...]
 
     def forward(self, feature_map: Tensor, return_attention: bool = False) -> dict[str, Tensor]:
         seq = self.input_proj(feature_map.flatten(2).transpose(1, 2))  # (B, h*w, D)
+        stripes = None
+        if self.stripe_proj is not None:
+            h, w = feature_map.shape[-2:]
+            stripes = self.stripe_term(seq.transpose(1, 2).reshape(seq.shape[0], -1, h, w))
         seq = torch.cat([seq.mean(dim=1, keepdim=True), seq], dim=1) + self.positional_embedding.to(seq.dtype)
         pooled, attention = attention_pool(seq, self.q_proj, self.k_proj, self.v_proj, self.c_proj,
                                            self.num_heads, return_attention, self.training)
+        if stripes is not None:
+            pooled = pooled + stripes
         spatial = self.c_proj(self.v_proj(seq[:, 1:]))
         out = {"tokens": torch.cat([pooled[:, None], spatial], dim=1), "global": pooled}
         if return_attention:
@@ -357,7 +382,7 @@ class TorchvisionImageEncoder(nn.Module):
 
     new_parameter_prefixes: tuple[str, ...] = ("head.",)
 
-    def __init__(self, trunk: TorchvisionTrunk, image_size: tuple[int, int], width: int) -> None:
+    def __init__(self, trunk: TorchvisionTrunk, image_size: tuple[int, int], width: int, stripes: int = 0) -> None:
         super().__init__()
         from tbps.models.backbones.resnet import resnet_grid
 
@@ -368,7 +393,7 @@ class TorchvisionImageEncoder(nn.Module):
         self.num_tokens = 1 + self.grid_size[0] * self.grid_size[1]
         self.output_dim = int(width)
         self.head = AttentionPoolHead(trunk.out_channels, self.output_dim, self.grid_size,
-                                      max(self.output_dim // 64, 1))
+                                      max(self.output_dim // 64, 1), stripes)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """No-op: CNN stages are cheap enough in memory."""
@@ -393,4 +418,4 @@ def trunk_from_config(model_cfg: ModelConfig, load_pretrained: bool = True, last
 def build_torchvision_encoder(model_cfg: ModelConfig, image_size: Sequence[int], load_pretrained: bool = True) -> TorchvisionImageEncoder:
     """:class:`TorchvisionImageEncoder` for ``image_size`` = (height, width), joint width ``model.embed_dim``."""
     return TorchvisionImageEncoder(trunk_from_config(model_cfg, load_pretrained), tuple(image_size),
-                                   int(model_cfg.embed_dim))
+                                   int(model_cfg.embed_dim), int(getattr(model_cfg, "image_stripes", 0)))
