@@ -418,4 +418,4 @@ def trunk_from_config(model_cfg: ModelConfig, load_pretrained: bool = True, last
 def build_torchvision_encoder(model_cfg: ModelConfig, image_size: Sequence[int], load_pretrained: bool = True) -> TorchvisionImageEncoder:
     """:class:`TorchvisionImageEncoder` for ``image_size`` = (height, width), joint width ``model.embed_dim``."""
     return TorchvisionImageEncoder(trunk_from_config(model_cfg, load_pretrained), tuple(image_size),
-                                   int(model_cfg.embed_dim), int(getattr(model_cfg, "image_stripes", 0)))
+                                   int(model_cfg.embed_dim), int(model_cfg.image_stripes))
