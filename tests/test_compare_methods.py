@@ -39,7 +39,9 @@ def test_every_suite_row_builds_its_model(method, name, run_args):
     for override in overrides:  # the resolved options carry every method.* change
         key, value = override.split("=", 1)
         if key.startswith("method."):
-            got = cfg.method[key.split(".", 1)[1]]
+            got = cfg.method
+            for part in key.split(".")[1:]:  # nested options, e.g. method.inference_weights.fine
+                got = got[part]
             want = yaml.safe_load(value)
             assert got == want or str(got).lower() == str(want).lower(), override
     assert model is not None
