@@ -413,3 +413,25 @@ def test_code_cross_loss_and_mean_global_scale(tokenizer):
                                    F.normalize(want, dim=-1))
     mean = build_model(acsa_config(cross_loss="mean"), 2, tokenizer)
     assert torch.isfinite(mean(_batch(tokenizer))["loss_cross_scale"])
+
+
+def test_mobilenet_scales_are_the_same_with_the_frozen_block_cache():
+    """ACSA reads stage maps (forward_stages): with the cache on, the windows come from the cached
+    output of the frozen blocks 0-13 (stage end 13) and every scale equals the uncached pass."""
+    from tbps.models.acsa import ACSAOptions, SwinScales
+    from tbps.models.torchvision_encoder import TrunkStages, build_trunk
+
+    torch.manual_seed(0)
+    trunk = build_trunk("mobilenet_v2", "", 1, 14).eval()
+    scales = SwinScales(TrunkStages(trunk), 16, ACSAOptions(window_grid=[2, 2])).eval()
+    images = torch.randn(3, 3, 64, 32)
+    plain = scales(images)
+    trunk.enable_frozen_cache()
+    scales(images[:2])
+    cached = scales(images)
+    assert len(trunk._cache) == 3
+    for key in ("global", "scales"):
+        torch.testing.assert_close(cached[key], plain[key])
+    early = SwinScales(TrunkStages(trunk), 16, ACSAOptions(window_stage=-3, window_grid=[2, 2]))
+    with pytest.raises(TBPSError, match="inside the cached frozen blocks"):
+        early(images)

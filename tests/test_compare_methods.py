@@ -39,7 +39,9 @@ def test_every_suite_row_builds_its_model(method, name, run_args):
     for override in overrides:  # the resolved options carry every method.* change
         key, value = override.split("=", 1)
         if key.startswith("method."):
-            got = cfg.method[key.split(".", 1)[1]]
+            got = cfg.method
+            for part in key.split(".")[1:]:  # nested options, e.g. method.inference_weights.fine
+                got = got[part]
             want = yaml.safe_load(value)
             assert got == want or str(got).lower() == str(want).lower(), override
     assert model is not None
@@ -74,3 +76,42 @@ def test_seconds_per_step_and_band(tmp_path):
     row = {"R1": 12.0, "R1_sd": 2.0, "runs": [{}, {}, {}]}
     assert compare._band(row, "R1") == "12.00 ± 2.00"
     assert compare._band({"R1": 12.0}, "R1") == "12.00"
+
+
+def test_a_training_run_uses_one_thread_no_workers_and_the_data_s_images_per_person(tmp_path, monkeypatch):
+    """Every row trains alike: loader in the training process, K = min(4, images per person)."""
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"], seen["env"] = cmd, kwargs["env"]
+        return compare.subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    monkeypatch.setattr(compare, "RUNS", tmp_path)
+    with pytest.raises(SystemExit, match="training failed"):
+        compare.train_one("x", "configs/irra_synth.yaml", ["loss.id=0"], 1, 15, tmp_path / "data", tmp_path / "x", 2)
+    cmd = seen["cmd"]
+    assert "data.num_workers=0" in cmd and "data.num_instances=2" in cmd and "train.seed=1" in cmd
+    assert cmd.index("data.num_instances=2") < cmd.index("loss.id=0")  # a row's own change wins
+    assert seen["env"]["OMP_NUM_THREADS"] == "1"
+
+
+def test_keep_reuses_a_seed_trained_by_the_same_command_only(tmp_path, monkeypatch):
+    def fake_run(cmd, **kwargs):
+        out = Path(cmd[cmd.index("--output-dir") + 1])
+        out.mkdir(parents=True)
+        (out / "train_summary.json").write_text('{"steps": 3}')
+        (out / "config.yaml").write_text("data:\n  batch_size: 64\n")
+        (out / "metrics.jsonl").write_text(json.dumps({"split": "train", "epoch": 1.0, "pairs_per_s": 32.0}) + "\n")
+        (out / "last.pt").write_bytes(b"")
+        return compare.subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    monkeypatch.setattr(compare, "RUNS", tmp_path)
+    args = ("x", "configs/irra_synth.yaml", ["loss.id=0"], 1, 15, tmp_path / "data", tmp_path / "x", 2)
+    record = compare.train_one(*args)
+    assert record["steps"] == 3 and record["seconds_per_step"] == 2.0
+    assert compare.kept_record(*args) == record
+    assert compare.kept_record("x", "configs/irra_synth.yaml", ["loss.id=0"], 1, 14, tmp_path / "data",
+                               tmp_path / "x", 2) is None  # other epochs: retrain
+    assert compare.kept_record(*args[:6], tmp_path / "y", 2) is None  # nothing there

@@ -155,11 +155,22 @@ class TorchvisionTrunk(nn.Module):
         return self
 
     def forward_stages(self, images: Tensor) -> dict[str, Any]:
-        """``{"stages": [(B, C_s, H_s, W_s) at each stage end], "last": the final map}``."""
+        """``{"stages": [(B, C_s, H_s, W_s) at each stage end], "last": the final map}``.
+
+        With the frozen-block cache on, the frozen blocks' output comes from the cache, so a stage
+        that ends inside them, before their last block, is not computed: its entry is ``None``.
+        """
         x = images * self.input_scale.to(images.dtype) + self.input_shift.to(images.dtype)
-        stages = []
+        stages: list[Tensor | None] = []
         ends = set(self.stage_ends)
+        cached = self.cache_limit_bytes > 0
+        if cached:
+            x = self._frozen_output(x)
+            stages = [x if end == self.frozen_blocks - 1 else None for end in self.stage_ends
+                      if end < self.frozen_blocks]
         for i, block in enumerate(self.blocks()):
+            if cached and i < self.frozen_blocks:
+                continue
             if i < self.frozen_blocks:
                 with torch.no_grad():
                     x = block(x)

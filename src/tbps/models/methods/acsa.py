@@ -266,6 +266,9 @@ class SwinScales(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         out = self.backbone(images)
         last = out["last"]
+        if out["stages"][self.window_index] is None:  # a torchvision trunk's frozen-block cache skips it
+            raise TBPSError(f"method.window_stage={self.window_index}: that stage ends inside the cached "
+                            "frozen blocks (model.image_frozen_cache); freeze fewer blocks or use a later stage")
         window_map = self.window_norm(out["stages"][self.window_index].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         regions, windows = _stripes_and_windows(last, window_map, self.num_regions, self.window_grid)
         global_feat = self.global_proj(last.mean(dim=(2, 3)))
