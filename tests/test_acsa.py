@@ -418,8 +418,8 @@ def test_code_cross_loss_and_mean_global_scale(tokenizer):
 def test_mobilenet_scales_are_the_same_with_the_frozen_block_cache():
     """ACSA reads stage maps (forward_stages): with the cache on, the windows come from the cached
     output of the frozen blocks 0-13 (stage end 13) and every scale equals the uncached pass."""
-    from tbps.models.acsa import ACSAOptions, SwinScales
-    from tbps.models.torchvision_encoder import TrunkStages, build_trunk
+    from tbps.models.methods.acsa import ACSAOptions, SwinScales
+    from tbps.models.backbones.torchvision_encoder import TrunkStages, build_trunk
 
     torch.manual_seed(0)
     trunk = build_trunk("mobilenet_v2", "", 1, 14).eval()
