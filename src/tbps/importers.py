@@ -44,6 +44,7 @@ from torch import Tensor
 
 from tbps.config import Config, config_from_dict
 from tbps.errors import TBPSError
+from tbps.models.backbones.weights import strip_module_prefix
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,7 @@ def _model_state(obj: Any, path: Path, kind: str) -> dict[str, Tensor]:
     out = {}
     for key, value in state.items():
         if isinstance(value, Tensor):
-            while key.startswith("module."):
-                key = key[len("module."):]
+            key = strip_module_prefix(key)
             out[key] = value.float() if value.is_floating_point() else value
     return out
 

@@ -24,7 +24,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from tbps.errors import TBPSError
-from tbps.models.backbones.weights import check_state_dict, load_tensor_file
+from tbps.models.backbones.weights import check_state_dict, load_tensor_file, strip_module_prefix
 
 __all__ = ["SwinBackbone", "build_swin", "read_swin_weights"]
 
@@ -52,8 +52,7 @@ def read_swin_weights(path: str | Path) -> dict[str, Tensor]:
     state = {}
     for key, value in obj.items():
         if isinstance(value, Tensor):
-            while key.startswith("module."):
-                key = key[len("module."):]
+            key = strip_module_prefix(key)
             for prefix in ("backbone.", "visual.trunk."):  # detection / open_clip wrappers
                 if key.startswith(prefix):
                     key = key[len(prefix):]

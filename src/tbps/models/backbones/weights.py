@@ -37,6 +37,14 @@ def load_tensor_file(path: Path) -> dict[str, Any]:
     return load_torch_file(path, "PyTorch checkpoint")
 
 
+def strip_module_prefix(key: str) -> str:
+    """A state-dict key without the ``module.`` prefixes that (Distributed)DataParallel adds when a
+    wrapped model is saved, so files saved from a DDP run load like the rest."""
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -46,9 +54,7 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     for key, value in obj.items():
         if not isinstance(value, Tensor):
             continue
-        while key.startswith("module."):
-            key = key[len("module."):]
-        state[key] = value
+        state[strip_module_prefix(key)] = value
     return state
 
 
