@@ -437,8 +437,7 @@ def build_train_loader(cfg, dataset, tokenizer, rank: int = 0, world_size: int =
         )
     per_rank = data.batch_size // world_size
     records = dataset.train if hasattr(dataset, "train") else list(dataset)
-    transform = build_image_transform(data.image_size, train=True, augment=data.augment,
-                                     flip=bool(getattr(data, "flip", False)))
+    transform = build_image_transform(data, train=True)  # reads image_size, augment and flip
     pairs = TrainPairs(records, tokenizer, transform, positives=int(getattr(data, "positives", 0)))
     seed = int(cfg.train.seed)
     if data.sampler == "identity":
