@@ -29,7 +29,7 @@ def _load() -> float:
 
 
 def run(name: str, ids: int, threads: int, workers: int, data: Path, out: Path, overrides: list[str],
-        images_per_id: int = 4) -> dict:
+        images_per_id: int = 4, config: str = "configs/demo_cpu.yaml") -> dict:
     from tbps.demo import _ensure_dataset
 
     root = data / (f"ids{ids}" if images_per_id == 4 else f"ids{ids}x{images_per_id}")
@@ -38,7 +38,7 @@ def run(name: str, ids: int, threads: int, workers: int, data: Path, out: Path, 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     tbps = [sys.executable, "-m", "tbps"]
     load_start, started = _load(), time.perf_counter()
-    subprocess.run([*tbps, "train", "--config", str(REPO / "configs" / "demo_cpu.yaml"), f"data.root={root}",
+    subprocess.run([*tbps, "train", "--config", str(REPO / config), f"data.root={root}",
                     f"train.output_dir={run_dir}", f"data.num_workers={workers}", *overrides],
                    check=True, env=env, stdout=subprocess.DEVNULL)
     minutes = (time.perf_counter() - started) / 60
@@ -48,7 +48,7 @@ def run(name: str, ids: int, threads: int, workers: int, data: Path, out: Path, 
     log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     val = [round(r["R1"], 1) for r in log if "R1" in r and r.get("split", "val") == "val"]
     pairs = [r["pairs_per_s"] for r in log if "pairs_per_s" in r]
-    row = {"name": name, "ids": ids, "images_per_id": images_per_id, "overrides": overrides, "threads": threads, "workers": workers,
+    row = {"name": name, **({} if config == "configs/demo_cpu.yaml" else {"config": config}), "ids": ids, "images_per_id": images_per_id, "overrides": overrides, "threads": threads, "workers": workers,
            "test_R1": test["R1"], "test_mAP": test["mAP"], "val_R1": val, "train_minutes": round(minutes, 2),
            "pairs_per_s": round(sum(pairs) / len(pairs), 1) if pairs else None,
            "load": [load_start, load_end], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -155,7 +155,7 @@ def diagnose(checkpoint: Path, probe: bool) -> dict:
     probes = ["A man in a red shirt, black jeans and white shoes.", "A man in a black shirt, red jeans and white shoes.",
               "A man wearing white shoes, black jeans and a red shirt.", "A man in a blue shirt, black jeans and white shoes."]
     with torch.inference_mode():
-        e = F.normalize(evaluator._embed("embed_texts", "encode_text", evaluator.tokenizer(probes))["global"].float(), dim=-1)
+        e = F.normalize(evaluator.embedder.embed_texts(probes)["global"].float(), dim=-1)
     out["text_cosine"] = {name: round(float(e[0] @ e[i]), 3) for i, name in
                           ((1, "colours_swapped"), (2, "paraphrase"), (3, "other_shirt_colour"))}
     # memorisation: R1 on the first 100 training people (their captions were trained on)
@@ -177,7 +177,7 @@ def diagnose(checkpoint: Path, probe: bool) -> dict:
                     for block in trunk.blocks()[:max(trunk.frozen_blocks, 1)]:
                         x = block(x)
                     frozen.append(x.flatten(1).numpy())
-                    emb.append(ev._embed("embed_images", "encode_image", batch)["global"].numpy())
+                    emb.append(ev.embedder.image_batch(batch)["global"].numpy())
             return np.concatenate(frozen), np.concatenate(emb)
 
         train_pids = [pid_of[Path(p).name] for p in train_all.image_paths]
@@ -211,6 +211,8 @@ def main() -> None:
     one.add_argument("--workers", type=int, default=1, help="data.num_workers")
     one.add_argument("--data", type=Path, default=Path("runs/demo_sweep/data"))
     one.add_argument("--out", type=Path, default=Path("runs/demo_sweep"))
+    one.add_argument("--config", default="configs/demo_cpu.yaml",
+                     help="recipe to train instead of the demo's (another method on the demo's data)")
     sub.add_parser("table", help="print the rows as a Markdown table")
     diag = sub.add_parser("diagnose", help="which attributes a trained model confuses; memorisation; probes")
     diag.add_argument("checkpoint", type=Path)
@@ -225,7 +227,7 @@ def main() -> None:
     else:
         overrides = [*args.overrides, *extra]
         print(json.dumps(run(args.name, args.ids, args.threads, args.workers, args.data, args.out, overrides,
-                             args.images_per_id)))
+                             args.images_per_id, args.config)))
 
 
 if __name__ == "__main__":

@@ -303,3 +303,83 @@ def test_loader_with_positives_batches_and_exact_resume(records, tokenizer):
     # default 0: the batch keys are exactly the ones without positives
     plain = next(iter(build_train_loader(_cfg(), _Dataset(records), tokenizer)[0]))
     assert set(plain) == {"images", "token_ids", "pids", "image_ids"}
+
+
+# ----------------------------------------------------------------------------- look-alike batches
+
+COLOURS = ("red", "blue", "green", "black", "white", "grey", "pink", "brown")
+
+
+def _lookalike_set(people: int = 32, captions_each: int = 4):
+    """People described by an upper and a lower colour; person i and i + 1 (i even) share both."""
+    pids, captions = [], []
+    for pid in range(people):
+        upper, lower = COLOURS[(pid // 2) % 8], COLOURS[(pid // 2 // 8 + pid // 2) % 8]
+        for c in range(captions_each):
+            pids.append(pid)
+            captions.append(f"a person in a {upper} shirt and {lower} trousers, caption {c}")
+    return pids, captions
+
+
+def test_caption_neighbours_match_a_direct_tfidf_cosine():
+    import math
+    import re
+
+    from tbps.data.loader import caption_neighbours
+
+    pids, captions = _lookalike_set()
+    identities, neighbours = caption_neighbours(pids, captions, count=3)
+    terms = {}
+    for pid, caption in zip(pids, captions):
+        words = re.findall(r"[a-z]+", caption.lower())
+        terms.setdefault(pid, []).extend(words + [f"{a} {b}" for a, b in zip(words, words[1:])])
+    df = Counter(t for pid in terms for t in set(terms[pid]))
+    vocab = sorted(t for t, n in df.items() if 1 < n < len(terms))
+
+    def vector(pid):
+        counts = Counter(terms[pid])
+        v = [counts[t] * math.log(len(terms) / df[t]) for t in vocab]
+        norm = math.sqrt(sum(x * x for x in v))
+        return [x / norm for x in v]
+
+    vectors = {pid: vector(pid) for pid in terms}
+    assert identities.tolist() == sorted(terms)
+    for row, pid in enumerate(identities.tolist()):
+        cos = {other: sum(a * b for a, b in zip(vectors[pid], vectors[other])) for other in terms if other != pid}
+        best = sorted(cos.values(), reverse=True)[:3]
+        got = [cos[int(identities[j])] for j in neighbours[row]]
+        assert got == pytest.approx(best, abs=1e-5)  # the 3 most alike, nearest first (ties in any order)
+        assert int(identities[neighbours[row][0]]) == pid ^ 1  # the twin that shares both colours
+
+
+def test_similar_sampler_batches_are_lookalike_groups_and_resume():
+    from tbps.data.loader import SimilarIdentitySampler
+
+    pids, captions = _lookalike_set()
+    sampler = SimilarIdentitySampler(pids, captions, batch_size=16, num_instances=2, group=2, seed=3)
+    batches = sampler.batches(0)
+    assert len(batches) == len(sampler) == len(IdentitySampler(pids, 16, 2, seed=3))
+    twins = 0
+    for batch in batches:
+        assert len(batch) == 16 and len(set(batch)) == 16
+        ids = [pids[i] for i in batch]
+        groups = [ids[j:j + 4] for j in range(0, 16, 4)]  # 2 identities x 2 samples per group
+        for g in groups:
+            assert g[0] == g[1] and g[2] == g[3]  # K samples of one identity side by side
+            twins += g[2] == (g[0] ^ 1)
+    assert twins >= 0.75 * len(batches) * 4  # a group is a person and its look-alike, unless it ran out
+    plain = IdentitySampler(pids, 16, 2, seed=3).batches(0)
+    plain_twins = sum(pids[b[j + 2]] == pids[b[j]] ^ 1 for b in plain for j in range(0, 16, 4))
+    assert plain_twins < twins / 2
+    # deterministic per (seed, epoch), and a saved position resumes on the same remaining batches
+    again = SimilarIdentitySampler(pids, captions, batch_size=16, num_instances=2, group=2, seed=3)
+    assert again.batches(0) == batches and again.batches(1) != batches
+    it = iter(sampler)
+    next(it)
+    state = sampler.state_dict()
+    assert state["kind"] == "similar" and state["group"] == 2
+    resumed = SimilarIdentitySampler(pids, captions, batch_size=16, num_instances=2, group=2, seed=3)
+    resumed.load_state_dict(state)
+    assert list(resumed) == batches[1:]
+    with pytest.raises(TBPSError, match="similar_group"):
+        SimilarIdentitySampler(pids, captions, batch_size=16, num_instances=2, group=0)
