@@ -335,7 +335,7 @@ def test_shipped_minilm_loads():
     encoder = B.build_text_encoder(cfg(text_backbone="hf", text_pretrained="minilm", embed_dim=64),
                                    bert_tokenizer())
     assert encoder.hidden_size == 384 and encoder.output_dim == 64
-    assert encoder.new_parameter_prefixes == ("proj.", "slot_pool.") and encoder.slot_pool is None
+    assert encoder.new_parameter_prefixes == ("proj.",)
     names = [n for n, _ in encoder.named_parameters()]
     assert all(n.startswith(("backbone.", "proj.")) for n in names) and "proj.weight" in names
     out = encoder(bert_ids(), return_attention=True)
@@ -365,31 +365,6 @@ def test_tiny_bert_folder_loads_and_resizes_vocab(tmp_path):
     with pytest.raises(TBPSError, match="file not found"):
         B.build_text_encoder(dataclasses.replace(model_cfg, text_pretrained=str(tmp_path / "nope")),
                              bert_tokenizer())
-
-
-def test_text_slots_add_learned_query_readouts_to_the_global_embedding(tmp_path):
-    """global = mean + W [sum_i a_ki t_i]_k with a_k = softmax over the valid tokens of q_k . U t_i / sqrt(D)."""
-    from transformers import BertConfig, BertModel
-
-    folder = tmp_path / "tiny-bert"
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=32)).save_pretrained(folder)
-    model_cfg = cfg(text_backbone="hf", text_pretrained=str(folder), embed_dim=16, text_pooling="mean",
-                    text_slots=3)
-    torch.manual_seed(0)
-    encoder = B.build_text_encoder(model_cfg, bert_tokenizer()).eval()
-    ids = bert_ids()
-    out = encoder(ids)
-    slots = encoder.slot_pool
-    for b, n in enumerate(out["mask"].sum(1).tolist()):
-        t = out["tokens"][b, :n]  # the caption's valid tokens only: padding never enters a slot
-        weights = torch.softmax(slots.queries @ slots.key(t).T / 16 ** 0.5, dim=-1)  # (K, n)
-        want = t.mean(0) + slots.out((weights @ t).flatten())
-        torch.testing.assert_close(out["global"][b], want, atol=1e-5, rtol=1e-5)
-    out["global"].sum().backward()
-    assert slots.queries.grad.abs().sum() > 0 and slots.key.weight.grad.abs().sum() > 0
-    with pytest.raises(TBPSError, match="text_slots=2: slots pool the tokens of text_backbone=hf only"):
-        B.build_text_encoder(cfg(text_slots=2), clip_tokenizer())
 
 
 def test_frozen_layer_cache_matches_full_forward_and_trains_the_top():

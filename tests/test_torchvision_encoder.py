@@ -181,34 +181,6 @@ def test_image_stripes_config_key_reaches_the_encoder():
     assert encoder.head.stripes == 4 and encoder.head.stripe_proj.in_features == 4 * 32
     assert encoder(torch.randn(2, 3, 64, 32))["global"].shape == (2, 32)
 
-def test_colour_cells_are_each_cells_sub_cell_means_and_std():
-    """ColourCells' statistics against a direct loop over the cells, and the term reaching the head."""
-    images = torch.rand(2, 3, 16, 8)
-    stats = tv.ColourCells.cell_statistics(images, (4, 2))  # 4x4-pixel cells, 2x2-pixel sub-cells
-    assert stats.shape == (2, 8, 15)
-    for i in range(4):
-        for j in range(2):
-            cell = images[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4]
-            subs = [cell[:, :, 2 * a:2 * a + 2, 2 * b:2 * b + 2].mean(dim=(2, 3)) for a in range(2) for b in range(2)]
-            # pixel_unshuffle order: channel-major, then the 2x2 offsets row by row
-            want = torch.stack(subs, dim=2).flatten(1)
-            torch.testing.assert_close(stats[:, i * 2 + j, :12], want)
-            torch.testing.assert_close(stats[:, i * 2 + j, 12:], cell.flatten(2).std(dim=2, unbiased=False),
-                                       atol=1e-4, rtol=1e-4)
-    cfg = tiny_config("irra", None, {}, image_backbone="mobilenet_v2", text="minilm", embed_dim=32,
-                      resnet_last_stride=1, image_colour=True)
-    from tbps.models.backbones import build_image_encoder
-
-    encoder = build_image_encoder(cfg.model, (64, 32)).eval()
-    x = torch.randn(2, 3, 64, 32)
-    with torch.no_grad():
-        with_colour = encoder(x)["global"]
-        extra = encoder.colour(x, encoder.grid_size)
-        torch.testing.assert_close(with_colour, encoder.head(encoder.backbone(x), extra=extra)["global"])
-        assert not torch.allclose(with_colour, encoder.head(encoder.backbone(x))["global"])
-    assert {n.split(".")[0] for n, _ in encoder.named_parameters()} == {"backbone", "head", "colour"}
-
-
 # ----------------------------------------------------------------------------- the six methods
 
 LENGTH = 16

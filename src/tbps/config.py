@@ -38,9 +38,8 @@ class DataConfig:
     text_length: int = 77  # tokens per caption, start and end tokens included
     tokenizer: str = "clip"  # "clip" (CLIP BPE + <|mask|>), "minilm", or a Hugging Face tokenizer folder
     batch_size: int = 64
-    sampler: str = "identity"  # "identity" (P ids x K instances), "similar" (the same, in look-alike groups) or "random"
+    sampler: str = "identity"  # "identity" (P ids x K instances) or "random"
     num_instances: int = 4  # K of the identity sampler
-    similar_group: int = 4  # data.sampler=similar: identities per look-alike group (P / group groups a batch)
     positives: int = 0  # other same-identity (image, caption) pairs attached to each training sample (FCSA)
     num_workers: int = 4
     augment: bool = True  # IRRA's train augmentation (flip, pad+crop, random erasing)
@@ -63,8 +62,6 @@ class ModelConfig:
     image_frozen_layers: int = 0  # torchvision CNNs: this many lowest blocks stay fixed (MobileNetV2: of 19)
     image_frozen_cache: bool = False  # with frozen blocks: keep their output per image (pays with data.augment=false)
     image_stripes: int = 0  # torchvision CNNs: add a term from this many horizontal bands of the map to the global embedding
-    image_colour: bool = False  # torchvision CNNs: add each map cell's pixel colours (a small shared MLP) to the head's input
-    text_slots: int = 0  # text_backbone=hf: add a term from this many learned-query read-outs of the tokens to the global embedding
     temperature: float = 0.02  # similarity scale 1/temperature in SDM / ITC / CMPM
     quick_gelu: str = "auto"  # CLIP towers: "on" (QuickGELU) / "off" (GELU); "auto": the weight file's format, else the architecture's
     pos_interpolation: str = "bilinear"  # CLIP ViT / RN: how a checkpoint's position grid is resized ("bicubic", "nearest")
@@ -132,7 +129,7 @@ class Config:
 
 # Every enumerated option, checked when the config loads (not when the loop first reads it).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.sampler": ("identity", "similar", "random"),
+    "data.sampler": ("identity", "random"),
     "data.check": ("exists", "decode", "off"),
     "model.text_backbone": ("clip", "hf"),
     "model.text_pooling": ("default", "eot", "cls", "mean"),
@@ -147,10 +144,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 SEED_MAX = 2**63 - 2**16  # torch seeds are 64-bit; each rank adds its number
 # (key, lowest allowed, highest allowed or None); integers and numbers alike
 BOUNDS: tuple[tuple[str, float, float | None], ...] = (
-    ("data.text_length", 2, 4096), ("data.batch_size", 1, None), ("data.num_instances", 1, None), ("data.similar_group", 1, None),
+    ("data.text_length", 2, 4096), ("data.batch_size", 1, None), ("data.num_instances", 1, None),
     ("data.positives", 0, None), ("data.num_workers", 0, 256),
     ("model.text_frozen_layers", 0, None), ("model.embed_dim", 1, None), ("model.resnet_last_stride", 1, 2),
-    ("model.image_stripes", 0, None), ("model.text_slots", 0, 64),
+    ("model.image_stripes", 0, None),
     ("optim.lr", 0, None), ("optim.new_lr_factor", 0, None), ("optim.bias_lr_factor", 0, None),
     ("optim.weight_decay", 0, None), ("optim.weight_decay_bias", 0, None), ("optim.momentum", 0, 1),
     ("optim.warmup_epochs", 0, None), ("optim.warmup_factor", 0, None), ("optim.min_lr", 0, None),

@@ -339,110 +339,6 @@ class IdentitySampler(EpochBatchSampler):
         return batches
 
 
-def caption_neighbours(pids: Sequence[int], captions: Sequence[str], count: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(identities, neighbours)``: the sorted identities, and for each the ``count`` others whose
-    captions read most alike (positions into ``identities``, nearest first).
-
-    "Alike" is the cosine of TF-IDF vectors of all words and word pairs said about a person (terms that
-    every or only one person has carry nothing and are dropped), so people described with the same
-    garments in the same colours ("grey hoodie") are neighbours. Computed in row chunks, so CUHK-PEDES-sized sets stay small in memory.
-    """
-    import re
-
-    words_of: dict[int, list[str]] = {}
-    for pid, caption in zip(pids, captions):
-        words = re.findall(r"[a-z]+", caption.lower())
-        words_of.setdefault(int(pid), []).extend(words + [f"{a} {b}" for a, b in zip(words, words[1:])])
-    identities = np.array(sorted(words_of), dtype=np.int64)
-    if len(identities) < 2:
-        raise TBPSError("data.sampler=similar needs at least two training identities")
-    document_frequency: dict[str, int] = {}
-    for ident in identities.tolist():
-        for word in set(words_of[ident]):
-            document_frequency[word] = document_frequency.get(word, 0) + 1
-    vocabulary = {w: i for i, w in enumerate(sorted(w for w, df in document_frequency.items()
-                                                     if 1 < df < len(identities)))}
-    tfidf = np.zeros((len(identities), max(len(vocabulary), 1)), dtype=np.float32)
-    for row, ident in enumerate(identities.tolist()):
-        for word in words_of[ident]:
-            if word in vocabulary:
-                tfidf[row, vocabulary[word]] += 1.0
-    idf = np.log(len(identities) / np.array([document_frequency[w] for w in vocabulary] or [1], dtype=np.float32))
-    tfidf *= idf[None, :]
-    tfidf /= np.maximum(np.linalg.norm(tfidf, axis=1, keepdims=True), 1e-12)
-    count = min(int(count), len(identities) - 1)
-    neighbours = np.empty((len(identities), count), dtype=np.int64)
-    for start in range(0, len(identities), 1024):
-        sims = tfidf[start:start + 1024] @ tfidf.T
-        sims[np.arange(sims.shape[0]), np.arange(start, start + sims.shape[0])] = -np.inf  # not oneself
-        top = np.argpartition(-sims, count - 1, axis=1)[:, :count] if count < sims.shape[1] else \
-            np.tile(np.arange(sims.shape[1]), (sims.shape[0], 1))
-        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
-        neighbours[start:start + sims.shape[0]] = np.take_along_axis(top, order, axis=1)[:, :count]
-    return identities, neighbours
-
-
-class SimilarIdentitySampler(IdentitySampler):
-    """Identity batches made of look-alike groups (``data.sampler=similar``).
-
-    Each batch holds P identities x K samples as :class:`IdentitySampler`'s, but the P identities come
-    in groups of ``group``: a random identity with chunks left, then its nearest neighbours by
-    caption wording (:func:`caption_neighbours`) that still have chunks on this rank, nearest first
-    (random identities fill a group whose neighbours ran out). Why: with random batches the in-batch
-    negatives of SDM/ITC/CMPM differ from the positive in many attributes, so a model can rank by a
-    few salient ones (gender, upper colour); people who share most attributes and differ in a shoe
-    or bag colour make every attribute count (the demo model's errors were mostly colours it had not
-    bound: benchmarks/README.md).
-    """
-
-    kind = "similar"
-
-    def __init__(self, pids: Sequence[int] | torch.Tensor | np.ndarray, captions: Sequence[str], batch_size: int,
-                 num_instances: int, group: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        super().__init__(pids, batch_size, num_instances, seed=seed, rank=rank, world_size=world_size)
-        if group < 1:
-            raise TBPSError(f"data.similar_group must be at least 1, got {group}")
-        self.group = int(group)
-        pid_list = pids.tolist() if hasattr(pids, "tolist") else list(pids)
-        identities, neighbours = caption_neighbours(pid_list, captions, count=4 * self.group)
-        assert np.array_equal(identities, self.pids)  # both sorted unique ids
-        self.neighbours = neighbours
-
-    def _layout(self) -> dict[str, int]:
-        return {**super()._layout(), "group": self.group}
-
-    def _make_batches(self, epoch: int) -> list[list[int]]:
-        k, p, target = self.num_instances, self.num_pids_per_batch, len(self)
-        mine = self.identities(epoch)
-        rng = np.random.default_rng([_seed_int(self.seed), epoch, 1 + self.rank])
-        chunks: dict[int, list[np.ndarray]] = {}
-        for ident in mine.tolist():
-            drawn = self._draw(rng, self.groups[ident])
-            chunks[ident] = [drawn[j * k : (j + 1) * k] for j in range(len(drawn) // k)]
-        available = {ident for ident in mine.tolist() if chunks[ident]}
-        batches: list[list[int]] = []
-        while len(available) >= p and len(batches) < target:
-            picked: list[int] = []
-            while len(picked) < p:
-                pool = sorted(available.difference(picked))
-                anchor = pool[int(rng.integers(len(pool)))]
-                members = [anchor] + [n for n in self.neighbours[anchor].tolist()
-                                      if n in available and n not in picked and n != anchor]
-                picked.extend(members[:min(self.group, p - len(picked))])
-            batch: list[int] = []
-            for ident in picked:
-                batch.extend(chunks[ident].pop().tolist())
-                if not chunks[ident]:
-                    available.discard(ident)
-            batches.append(batch)
-        while len(batches) < target:  # top-up, as the identity sampler
-            batch = []
-            for ident in rng.choice(mine, size=p, replace=False).tolist():
-                batch.extend(self._draw(rng, self.groups[ident])[:k].tolist())
-            batches.append(batch)
-        return batches
-
-
 class RandomBatchSampler(EpochBatchSampler):
     """Uniformly shuffled batches (data.sampler=random), each rank a disjoint shard of the epoch's
     permutation. With ``drop_last`` every batch is full; without it, the permutation is wrapped so
@@ -548,14 +444,10 @@ def build_train_loader(cfg, dataset, tokenizer, rank: int = 0, world_size: int =
         sampler: EpochBatchSampler = IdentitySampler(
             pairs.pids, per_rank, data.num_instances, seed=seed, rank=rank, world_size=world_size
         )
-    elif data.sampler == "similar":
-        captions = [c for r in records for c in r.captions]  # TrainPairs' order: one per pair
-        sampler = SimilarIdentitySampler(pairs.pids, captions, per_rank, data.num_instances,
-                                         group=data.similar_group, seed=seed, rank=rank, world_size=world_size)
     elif data.sampler == "random":
         sampler = RandomBatchSampler(len(pairs), per_rank, seed=seed, rank=rank, world_size=world_size)
     else:
-        raise TBPSError(f"data.sampler={data.sampler!r}: choose identity, similar or random")
+        raise TBPSError(f"data.sampler={data.sampler!r}: choose identity or random")
     num_workers = int(data.num_workers)
     if num_workers < 0:
         raise TBPSError(f"data.num_workers must be 0 or more, got {num_workers}")

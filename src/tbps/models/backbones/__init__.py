@@ -117,9 +117,6 @@ def build_text_encoder(model_cfg: ModelConfig, tokenizer: Any, load_pretrained: 
         return encoder
     if kind != "clip":
         raise TBPSError(f"model.text_backbone: expected 'clip' or 'hf', got {kind!r}")
-    if model_cfg.text_slots:
-        raise TBPSError(f"model.text_slots={model_cfg.text_slots}: slots pool the tokens of text_backbone=hf "
-                        f"only (0 turns them off)")
     if is_torchvision_backbone(model_cfg.image_backbone):
         raise TBPSError(f"model.text_backbone: image_backbone={model_cfg.image_backbone!r} has no CLIP text "
                         f"tower; use text_backbone=hf (e.g. text_pretrained: minilm)")

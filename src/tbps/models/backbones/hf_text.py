@@ -18,41 +18,16 @@ if TYPE_CHECKING:
     from tbps.config import ModelConfig
 
 
-class TokenSlotPool(nn.Module):
-    """K learned queries, each a softmax over the caption's tokens; their read-outs, side by side, map to one term.
-
-    ``slots(t) = W [sum_i a_1i t_i; ...; sum_i a_Ki t_i]``, ``a_ki = softmax_i(q_k . (U t_i) / sqrt(D))`` over
-    the valid tokens. Why: a mean (or one query) sums every token into one vector, so "a red shirt and
-    black jeans" and "a black shirt and red jeans" pool alike (the demo's trained MiniLM scored them at
-    cosine 0.998); separate slots can each read one garment's phrase, the text twin of the image
-    head's horizontal bands (``model.image_stripes``).
-    """
-
-    def __init__(self, width: int, slots: int) -> None:
-        super().__init__()
-        self.queries = nn.Parameter(torch.randn(slots, width) / width ** 0.5)
-        self.key = nn.Linear(width, width)
-        self.out = nn.Linear(width * slots, width)
-
-    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        logits = torch.einsum("bld,kd->bkl", self.key(tokens), self.queries.to(tokens.dtype))
-        logits = (logits * tokens.shape[-1] ** -0.5).masked_fill(~mask[:, None, :], float("-inf"))
-        read = torch.einsum("bkl,bld->bkd", logits.softmax(dim=-1), tokens)  # (B, K, D)
-        return self.out(read.flatten(1))
-
-
 class HFTextEncoder(nn.Module):
     """A BERT-family encoder (transformers, under ``backbone``) + a new Linear ``proj`` to ``embed_dim``.
 
     Attention mask from ``token_ids != pad_id`` (or up to the end token where pad and end share an id).
-    global = [CLS] ("default"/"cls"), the end token ("eot") or the masked mean ("mean") of the tokens,
-    plus a :class:`TokenSlotPool` term when ``slots`` > 0 (``model.text_slots``).
+    global = [CLS] ("default"/"cls"), the end token ("eot") or the masked mean ("mean") of the tokens.
     """
 
-    new_parameter_prefixes: tuple[str, ...] = ("proj.", "slot_pool.")
+    new_parameter_prefixes: tuple[str, ...] = ("proj.",)
 
-    def __init__(self, backbone: nn.Module, tokenizer: Any, embed_dim: int, pooling: str, name: str,
-                 slots: int = 0) -> None:
+    def __init__(self, backbone: nn.Module, tokenizer: Any, embed_dim: int, pooling: str, name: str) -> None:
         super().__init__()
         self.backbone = backbone
         self.arch = name
@@ -63,14 +38,6 @@ class HFTextEncoder(nn.Module):
         self.proj = nn.Linear(self.hidden_size, self.output_dim)
         nn.init.normal_(self.proj.weight, std=self.hidden_size ** -0.5)
         nn.init.zeros_(self.proj.bias)
-        self.slot_pool = TokenSlotPool(self.output_dim, int(slots)) if slots else None
-
-    def pool(self, tokens: Tensor, mask: Tensor, token_ids: Tensor) -> Tensor:
-        """The global embedding of the projected tokens (``pooling``, + the slot term)."""
-        pooled = pool_tokens(tokens, mask, self.pooling, token_ids, self.eot_id)
-        if self.slot_pool is not None:
-            pooled = pooled + self.slot_pool(tokens, mask)
-        return pooled
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
@@ -201,7 +168,8 @@ class HFTextEncoder(nn.Module):
         mask = self.valid_mask(token_ids)
         if self.cache_limit_bytes > 0 and not return_attention:
             tokens = self.proj(self._forward_cached(token_ids, mask))
-            return {"tokens": tokens, "global": self.pool(tokens, mask, token_ids), "mask": mask}
+            return {"tokens": tokens, "global": pool_tokens(tokens, mask, self.pooling, token_ids, self.eot_id),
+                    "mask": mask}
         previous = getattr(self.backbone.config, "_attn_implementation", None)
         switch = return_attention and previous not in (None, "eager")
         if switch:  # only eager attention returns the maps
@@ -213,7 +181,8 @@ class HFTextEncoder(nn.Module):
             if switch:
                 self.backbone.set_attn_implementation(previous)
         tokens = self.proj(output.last_hidden_state)
-        out = {"tokens": tokens, "global": self.pool(tokens, mask, token_ids), "mask": mask}
+        out = {"tokens": tokens, "global": pool_tokens(tokens, mask, self.pooling, token_ids, self.eot_id),
+               "mask": mask}
         if return_attention:
             out["attention"] = output.attentions[-1].mean(dim=1)
         return out
@@ -279,8 +248,7 @@ def build_hf_text(model_cfg: ModelConfig, tokenizer: Any, load_pretrained: bool 
         backbone.resize_token_embeddings(vocab)
         backbone.get_input_embeddings().weight.data.copy_(new_weight)
     name = model_cfg.text_pretrained or str(folder)
-    return HFTextEncoder(backbone, tokenizer, int(model_cfg.embed_dim), text_pooling(model_cfg, "cls"), name,
-                         int(model_cfg.text_slots))
+    return HFTextEncoder(backbone, tokenizer, int(model_cfg.embed_dim), text_pooling(model_cfg, "cls"), name)
 
 
 def freeze_lower_text_layers(encoder: "HFTextEncoder", num_layers: int) -> None:

@@ -366,10 +366,8 @@ class AttentionPoolHead(nn.Module):
         bands = F.adaptive_avg_pool2d(projected, (self.stripes, 1))[..., 0]  # (B, D, S), top band first
         return self.stripe_proj(bands.transpose(1, 2).flatten(1))  # [band 1 (D); band 2 (D); ...]
 
-    def forward(self, feature_map: Tensor, return_attention: bool = False, extra: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, feature_map: Tensor, return_attention: bool = False) -> dict[str, Tensor]:
         seq = self.input_proj(feature_map.flatten(2).transpose(1, 2))  # (B, h*w, D)
-        if extra is not None:  # (B, h*w, D) per-cell features from outside the trunk (ColourCells)
-            seq = seq + extra
         stripes = None
         if self.stripe_proj is not None:
             h, w = feature_map.shape[-2:]
@@ -386,36 +384,6 @@ class AttentionPoolHead(nn.Module):
         return out
 
 
-class ColourCells(nn.Module):
-    """Each map cell's own pixel colours, named by one small MLP shared by every cell, added to the head's
-    projected map: ``extra_c = MLP([means of the cell's 2x2 sub-cells (12); per-channel std (3)])``.
-
-    Why: the captions state colours more than anything else (upper, lower and shoe colour were the demo
-    model's three most confused attributes), and ImageNet features keep colour only partly (the frozen
-    block-13 map: 56% linear-probe accuracy for the upper garment's 14 colours). Colour statistics of
-    body regions are the classic re-identification feature (ELF, LOMO's histograms); this is their
-    learned, cell-wise form, at the map's resolution so the head's bands see which colour sits where.
-    """
-
-    FEATURES = 15
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(self.FEATURES, width), nn.GELU(), nn.Linear(width, width))
-
-    @staticmethod
-    def cell_statistics(images: Tensor, grid: tuple[int, int]) -> Tensor:
-        """(B, h*w, 15): per cell of an ``grid`` partition, its 2x2 sub-cell means and its std per channel."""
-        h, w = grid
-        sub = F.pixel_unshuffle(F.adaptive_avg_pool2d(images, (2 * h, 2 * w)), 2)  # (B, 3*4, h, w)
-        mean = F.adaptive_avg_pool2d(images, (h, w))
-        std = (F.adaptive_avg_pool2d(images * images, (h, w)) - mean * mean).clamp_min(0).sqrt()
-        return torch.cat([sub, std], dim=1).flatten(2).transpose(1, 2)
-
-    def forward(self, images: Tensor, grid: tuple[int, int]) -> Tensor:
-        return self.mlp(self.cell_statistics(images.float(), grid).to(images.dtype))
-
-
 class TorchvisionImageEncoder(nn.Module):
     """``backbone`` (a :class:`TorchvisionTrunk`) + ``head`` (:class:`AttentionPoolHead`).
 
@@ -423,10 +391,9 @@ class TorchvisionImageEncoder(nn.Module):
     global (B, D), attention (B, N, N) when asked. Only ``backbone.`` is pretrained.
     """
 
-    new_parameter_prefixes: tuple[str, ...] = ("head.", "colour.")
+    new_parameter_prefixes: tuple[str, ...] = ("head.",)
 
-    def __init__(self, trunk: TorchvisionTrunk, image_size: tuple[int, int], width: int, stripes: int = 0,
-                 colour: bool = False) -> None:
+    def __init__(self, trunk: TorchvisionTrunk, image_size: tuple[int, int], width: int, stripes: int = 0) -> None:
         super().__init__()
         from tbps.models.backbones.resnet import resnet_grid
 
@@ -438,7 +405,6 @@ class TorchvisionImageEncoder(nn.Module):
         self.output_dim = int(width)
         self.head = AttentionPoolHead(trunk.out_channels, self.output_dim, self.grid_size,
                                       max(self.output_dim // 64, 1), stripes)
-        self.colour = ColourCells(self.output_dim) if colour else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """No-op: CNN stages are cheap enough in memory."""
@@ -447,8 +413,7 @@ class TorchvisionImageEncoder(nn.Module):
         if tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(f"image encoder built for {self.image_size[0]}x{self.image_size[1]} "
                              f"input, got {images.shape[-2]}x{images.shape[-1]}")
-        extra = None if self.colour is None else self.colour(images, self.grid_size)
-        return self.head(self.backbone(images), return_attention, extra)
+        return self.head(self.backbone(images), return_attention)
 
 
 def trunk_from_config(model_cfg: ModelConfig, load_pretrained: bool = True, last_stride: int | None = None) -> TorchvisionTrunk:
@@ -464,5 +429,4 @@ def trunk_from_config(model_cfg: ModelConfig, load_pretrained: bool = True, last
 def build_torchvision_encoder(model_cfg: ModelConfig, image_size: Sequence[int], load_pretrained: bool = True) -> TorchvisionImageEncoder:
     """:class:`TorchvisionImageEncoder` for ``image_size`` = (height, width), joint width ``model.embed_dim``."""
     return TorchvisionImageEncoder(trunk_from_config(model_cfg, load_pretrained), tuple(image_size),
-                                   int(model_cfg.embed_dim), int(model_cfg.image_stripes),
-                                   bool(model_cfg.image_colour))
+                                   int(model_cfg.embed_dim), int(model_cfg.image_stripes))
