@@ -73,9 +73,12 @@ def main() -> None:
     parser.add_argument("--images-per-id", type=int, default=4)
     parser.add_argument("--captions-per-image", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1, help="generator seed (tbps demo uses train.seed, 1)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="as tbps synth")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="as tbps synth")
     parser.add_argument("--root", default="", help="a generated dataset to check the replayed captions against")
     args = parser.parse_args()
-    rows = caption_mentions(args.ids, args.images_per_id, args.captions_per_image, args.seed)
+    rows = caption_mentions(args.ids, args.images_per_id, args.captions_per_image, args.seed,
+                            args.val_fraction, args.test_fraction)
     if args.root:
         records = json.loads((Path(args.root) / synth.ANNOTATION_FILE).read_text())
         stored = [r["captions"] for r in records if r["split"] == "test"]

