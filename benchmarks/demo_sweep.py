@@ -52,7 +52,8 @@ def run(name: str, ids: int, threads: int, workers: int, data: Path, out: Path, 
     val = [round(r["R1"], 1) for r in log if "R1" in r and r.get("split", "val") == "val"]
     pairs = [r["pairs_per_s"] for r in log if "pairs_per_s" in r]
     row = {"name": name, **({} if config == "configs/demo_cpu.yaml" else {"config": config}),
-           **({} if fractions == (0.1, 0.2) else {"val_fraction": fractions[0], "test_fraction": fractions[1]}), "ids": ids, "images_per_id": images_per_id, "overrides": overrides, "threads": threads, "workers": workers,
+           **({} if fractions == (0.1, 0.2) else {"val_fraction": fractions[0], "test_fraction": fractions[1]}),
+           "ids": ids, "images_per_id": images_per_id, "overrides": overrides, "threads": threads, "workers": workers,
            "test_R1": test["R1"], "test_mAP": test["mAP"], "val_R1": val, "train_minutes": round(minutes, 2),
            "pairs_per_s": round(sum(pairs) / len(pairs), 1) if pairs else None,
            "load": [load_start, load_end], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
