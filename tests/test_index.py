@@ -396,3 +396,22 @@ def test_cli_index_and_search_from_a_query_file(ckpt, gallery, tmp_path, capsys)
     assert "    1. " in capsys.readouterr().out
     assert main(["search", "--index", str(out), "--device", "cpu"]) == 1
     assert "tbps: error: no query" in capsys.readouterr().err
+
+
+def test_a_checkpoint_whose_saved_config_this_version_does_not_know_names_the_file(tmp_path):
+    """A saved option this tbps does not have (a newer or older version's) is one line naming the file;
+    a typo in the caller's own overrides still reads as the caller's."""
+    from tbps.engine.checkpoint import load_model_from_checkpoint, read_checkpoint
+    from tbps.errors import TBPSError
+
+    path = _save_tiny_checkpoint(tmp_path / "model.pt", seed=0)
+    ckpt = read_checkpoint(path)
+    ckpt["config"]["data"]["similar_group"] = 4  # an option that existed in another version
+    torch.save(ckpt, tmp_path / "other_version.pt")
+    with pytest.raises(TBPSError, match=r"other_version\.pt: its saved config does not fit this version of tbps "
+                                        r"\(unknown config key data\.similar_group"):
+        load_model_from_checkpoint(tmp_path / "other_version.pt")
+    with pytest.raises(TBPSError) as err:
+        load_model_from_checkpoint(path, overrides=["method.no_such_option=1"])
+    assert "does not fit this version" not in str(err.value)
+    assert load_model_from_checkpoint(path)[1].data.tokenizer  # the file itself loads

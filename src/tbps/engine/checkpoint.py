@@ -169,6 +169,16 @@ def load_model_weights(model: nn.Module, state: dict[str, torch.Tensor], source:
     return skipped
 
 
+def saved_config(ckpt: dict, path: str | Path):
+    """The checkpoint's saved options as a Config; one line naming ``path`` when this tbps does not
+    know one of them (a file written by another version)."""
+    try:
+        return config_from_dict(ckpt["config"])
+    except TBPSError as exc:
+        raise TBPSError(f"{path}: its saved config does not fit this version of tbps ({exc}); it was "
+                        f"written by tbps {ckpt.get('tbps_version', '?')}") from None
+
+
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                                overrides: list[str] | None = None):
     """(model, cfg, tokenizer) ready for inference; pretrained backbone files are not needed.
@@ -185,6 +195,7 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
     from tbps.models import build_model
 
     ckpt = read_checkpoint(path)
+    saved_config(ckpt, path)  # the saved options alone first, so an error is the file's, not the overrides'
     cfg = config_from_dict(apply_overrides(ckpt["config"], list(overrides or [])))
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.text_length)
     model = build_model(cfg, int(ckpt["num_classes"]), tokenizer, load_pretrained=False)

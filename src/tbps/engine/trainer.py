@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from tbps.config import Config, config_from_dict, save_config
+from tbps.config import Config, save_config
 from tbps.errors import TBPSError
 from tbps.engine import distributed as D
 from tbps.engine.checkpoint import (capture_rng_state, fine_tuning_tokenizer, load_model_weights, read_checkpoint,
-                                    restore_rng_state, save_checkpoint, unwrap)
+                                    restore_rng_state, save_checkpoint, saved_config, unwrap)
 from tbps.engine import optim
 from tbps.engine.hooks import Checkpointer, Evaluation, MaxSteps, MetricsWriter, ProgressBar, TrainMetrics
 from tbps.engine.train_loop import HookBase, TrainerBase, TrainState
@@ -105,7 +105,7 @@ class Trainer(TrainerBase):
             if not last.is_file():
                 raise TBPSError(f"{last}: nothing to resume from (no last.pt in the output folder)")
             ckpt = read_checkpoint(last)
-            saved = config_from_dict(ckpt["config"])
+            saved = saved_config(ckpt, last)
             # the run continues as it was configured; only the step budget may be extended
             saved.train.max_steps = cfg.train.max_steps
             saved.train.epochs = max(saved.train.epochs, cfg.train.epochs)
