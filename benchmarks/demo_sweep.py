@@ -34,7 +34,7 @@ def run(name: str, ids: int, threads: int, workers: int, data: Path, out: Path, 
     from tbps.demo import _ensure_dataset
 
     root = data / (f"ids{ids}" if images_per_id == 4 else f"ids{ids}x{images_per_id}")
-    if fractions != (0.1, 0.2):
+    if fractions != (0.1, 0.2):  # the generator's default split keeps the folder names of earlier rows
         root = root.with_name(root.name + f"_v{fractions[0]:g}_t{fractions[1]:g}")
     _ensure_dataset(root, ids, images_per_id, 384, 128, 1, *fractions)
     run_dir = out / name

@@ -28,7 +28,7 @@ log = logging.getLogger("tbps.demo")
 # lifts it further is more people to learn attributes from, so the full demo draws 1000 identities and
 # keeps the test gallery at 100 people (val 5%, test 10%: 850 train, 50 val, 100 test).
 DEMO_SIZES = {"full": {"ids": 1000, "images_per_id": 4, "epochs": 8, "val_fraction": 0.05, "test_fraction": 0.1},
-              "quick": {"ids": 200, "images_per_id": 4, "epochs": 10}}
+              "quick": {"ids": 200, "images_per_id": 4, "epochs": 10, "val_fraction": 0.1, "test_fraction": 0.2}}
 
 
 def demo_config_path() -> Path:
@@ -40,13 +40,12 @@ def demo_config_path() -> Path:
 
 
 def _ensure_dataset(root: Path, ids: int, images_per_id: int, height: int, width: int, seed: int,
-                    val_fraction: float = 0.1, test_fraction: float = 0.2) -> None:
+                    val_fraction: float, test_fraction: float) -> None:
     from tbps.data.synth import generate_synthpedes
 
     stamp = root / "synth_params.json"
-    params = {"ids": ids, "images_per_id": images_per_id, "height": height, "width": width, "seed": seed}
-    if (val_fraction, test_fraction) != (0.1, 0.2):  # the generator's defaults stay out of the stamp
-        params.update(val_fraction=val_fraction, test_fraction=test_fraction)
+    params = {"ids": ids, "images_per_id": images_per_id, "height": height, "width": width, "seed": seed,
+              "val_fraction": val_fraction, "test_fraction": test_fraction}
     if stamp.is_file() and json.loads(stamp.read_text()) == params and (root / "reid_raw.json").is_file():
         log.info("reusing the synthetic dataset in %s", root)
         return
@@ -95,7 +94,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
                                            f"train.epochs={size['epochs']}", f"train.device={device}"])
     print(f"[1/5] synthesising SynthPEDES ({size['ids']} identities) in {out / 'data'}")
     _ensure_dataset(out / "data", size["ids"], size["images_per_id"], 384, 128, cfg.train.seed,
-                    size.get("val_fraction", 0.1), size.get("test_fraction", 0.2))
+                    size["val_fraction"], size["test_fraction"])
 
     print(f"[2/5] training {cfg.model.name} ({cfg.model.image_backbone} + {cfg.model.text_pretrained or 'CLIP'} "
           f"text encoder) for {cfg.train.epochs} epochs on the CPU")
