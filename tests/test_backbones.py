@@ -421,6 +421,56 @@ def test_frozen_layer_cache_does_not_depend_on_the_batch_a_caption_first_came_in
     assert torch.equal(encoder._cache[key], alone)
 
 
+def test_cached_encoder_returns_the_last_layers_attention_as_the_full_forward_does():
+    """CFFA ranks words by the last layer's attention: the cached path (frozen layers apart, padding
+    cut) must give the full forward's maps, zero in the cut columns."""
+    model_cfg = cfg(text_backbone="hf", text_pretrained="minilm", embed_dim=32, text_frozen_layers=4)
+    torch.manual_seed(0)
+    plain = B.build_text_encoder(model_cfg, bert_tokenizer()).eval()
+    cached = B.build_text_encoder(dataclasses.replace(model_cfg, text_frozen_cache=True), bert_tokenizer()).eval()
+    cached.load_state_dict(plain.state_dict())
+    ids = bert_ids()
+    with torch.no_grad():
+        want, got = plain(ids, return_attention=True), cached(ids, return_attention=True)
+    mask = want["mask"]
+    assert got["attention"].shape == want["attention"].shape == (2, 16, 16)
+    # every caption position's row, over all keys (padding keys get ~0 in both)
+    torch.testing.assert_close(got["attention"][mask], want["attention"][mask], atol=1e-5, rtol=1e-5)
+    longest = int(mask.sum(dim=1).max())
+    assert got["attention"][:, longest:].abs().sum() == 0 and got["attention"][:, :, longest:].abs().sum() == 0
+    torch.testing.assert_close(got["global"], want["global"], atol=1e-5, rtol=1e-5)
+    assert cached.backbone.config._attn_implementation == plain.backbone.config._attn_implementation  # restored
+
+
+def test_one_off_captions_neither_read_nor_fill_the_cache():
+    """Masked or augmented captions are never seen twice: encoding them stores nothing, and what they
+    give is the batch's own one-pass computation (so a resumed run, its cache empty, repeats it)."""
+    model_cfg = cfg(text_backbone="hf", text_pretrained="minilm", embed_dim=32, text_frozen_layers=4,
+                    text_frozen_cache=True)
+    torch.manual_seed(0)
+    encoder = B.build_text_encoder(model_cfg, bert_tokenizer()).eval()
+    ids = bert_ids()
+    with torch.no_grad():
+        with B.one_off_captions(encoder):
+            one_off = encoder(ids)
+        assert encoder._cache == {} and not encoder.transient
+        stored = encoder(ids)
+        assert len(encoder._cache) == 2
+        for key in encoder._cache:  # a poisoned cache is not read inside
+            encoder._cache[key] = encoder._cache[key] + 100.0
+        with B.one_off_captions(encoder):
+            again = encoder(ids)
+        with B.one_off_captions(encoder, enable=False):
+            from_cache = encoder(ids)
+    torch.testing.assert_close(one_off["global"], stored["global"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(again["global"], one_off["global"])
+    assert not torch.allclose(from_cache["global"], stored["global"])
+    plain_cfg = cfg(text_backbone="hf", text_pretrained="minilm", embed_dim=32)  # no cache: nothing to skip
+    plain = B.build_text_encoder(plain_cfg, bert_tokenizer()).eval()
+    with torch.no_grad(), B.one_off_captions(plain):
+        assert plain(ids)["global"].shape == (2, 32)
+
+
 def test_inference_models_keep_no_text_cache(tmp_path):
     """1,000 distinct queries to a model loaded for serving leave no per-query state behind."""
     from tbps.data.tokenizers import build_tokenizer

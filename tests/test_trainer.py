@@ -399,3 +399,24 @@ def test_a_build_method_is_overridden_without_copying_the_trainer(tiny_synth_roo
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     assert trainer.fit()["steps"] == 2
     assert all(torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
+
+
+MINILM_CACHED = ["data.tokenizer=minilm", "model.text_backbone=hf", "model.text_pretrained=minilm",
+                 "model.text_frozen_layers=5", "model.text_frozen_cache=true", "model.embed_dim=128",
+                 "train.eval_split=none"]
+
+
+@pytest.mark.parametrize("method", [
+    pytest.param(["model.name=fcsa", "loss={id: 1.0, cmpm: 1.0, cmrs_image: 1.0, cmrs_text: 1.0}",
+                  "data.positives=1", "method.swap_rate=0.5"], marks=pytest.mark.slow),
+    ["model.name=cffa", "loss={mal: 1.0, id: 1.0, irr: 1.0}"],
+], ids=["fcsa", "cffa"])
+def test_resume_is_exact_with_the_text_cache_and_one_off_masked_captions(tiny_synth_root, tmp_path, method):
+    """FCSA and CFFA encode masked / augmented captions outside the frozen-layer cache (one batched
+    pass, tbps.models.backbones.one_off_captions) and clean ones through it: a resumed run, its cache
+    empty, must still repeat the uninterrupted run bit for bit."""
+    reference, part = tmp_path / "reference", tmp_path / "part"
+    train(tiny_cfg(tiny_synth_root, reference, *MINILM_CACHED, *method, "train.max_steps=4"))
+    train(tiny_cfg(tiny_synth_root, part, *MINILM_CACHED, *method, "train.max_steps=2"))
+    train(tiny_cfg(tiny_synth_root, part, *MINILM_CACHED, *method, "train.max_steps=4"), resume=True)
+    assert train_rows(part) == train_rows(reference)  # bit-exact, steps 1-4

@@ -49,7 +49,7 @@ from tbps.errors import TBPSError
 from tbps.models.backbones.architectures import ARCH_DIR, get_arch_config
 from tbps.models.backbones.clip_image import ClipImageEncoder, ClipResNetEncoder, build_clip_image_encoder, image_hw
 from tbps.models.backbones.clip_text import ClipTextEncoder, build_clip_text
-from tbps.models.backbones.hf_text import HFTextEncoder, build_hf_text, freeze_lower_text_layers
+from tbps.models.backbones.hf_text import HFTextEncoder, build_hf_text, freeze_lower_text_layers, one_off_captions
 from tbps.models.backbones.pos_embed import interpolate_grid_pos_embed, resize_text_pos_embed, resize_token_embedding
 from tbps.models.backbones.weights import check_state_dict, load_tensor_file, read_clip_weights
 
@@ -71,6 +71,7 @@ __all__ = [
     "interpolate_grid_pos_embed",
     "is_torchvision_backbone",
     "load_tensor_file",
+    "one_off_captions",
     "read_clip_weights",
     "resize_text_pos_embed",
     "resize_token_embedding",

@@ -3,6 +3,8 @@ to the joint width, lower layers optionally frozen and their output cached per c
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +56,7 @@ class HFTextEncoder(nn.Module):
 
     # ------------------------------------------------------------------ frozen-layer cache
     frozen_layers: int = 0
+    transient: bool = False  # inside one_off_captions(): skip the cache
     cache_limit_bytes: int = 0  # > 0: cache the frozen layers' output per caption (enable_frozen_cache)
 
     def enable_frozen_cache(self, num_layers: int, limit_bytes: int = 2 << 30) -> None:
@@ -145,47 +148,107 @@ class HFTextEncoder(nn.Module):
             out[i, :lengths[i]] = computed[i] if i in computed else self._cache[key]
         return out.to(token_ids.device)
 
-    def _forward_cached(self, token_ids: Tensor, mask: Tensor) -> Tensor:
-        """Last hidden state via the cached frozen layers; padding columns no caption uses are cut
-        for the layers above them (and, at inference, where nothing is stored, for all layers)."""
+    def _frozen_by_length(self, token_ids: Tensor, mask: Tensor) -> Tensor:
+        """(B, L, H) output of the frozen layers for captions nothing is stored of: rows sorted by
+        length, in passes of ``FROZEN_CHUNK`` each cut to its longest row, so that little padding is
+        computed (a batch's longest caption is about 1.5x its mean). Positions past a row's pass are
+        zero, and masked in every layer above. A function of the batch alone (a stable sort)."""
+        lengths = mask.sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        out = torch.zeros(*token_ids.shape, self.hidden_size, device=token_ids.device)
+        for start in range(0, token_ids.shape[0], self.FROZEN_CHUNK):
+            rows = order[start:start + self.FROZEN_CHUNK]
+            n = max(int(lengths[rows].max()), 1)
+            out[rows, :n] = self._frozen_layers(token_ids[rows, :n], mask[rows, :n]).float()
+        return out
+
+    def _forward_cached(self, token_ids: Tensor, mask: Tensor,
+                        return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Last hidden state via the cached frozen layers, and (``return_attention``) the last layer's
+        head-mean attention, ``(B, L, L)``, zero where padding is. Padding columns no caption uses are
+        cut for the layers above the frozen ones (and, at inference or for one-off captions, where
+        nothing is stored, for all layers)."""
         full_length = token_ids.shape[1]
         keep = max(int(mask.sum(dim=1).max()), 1)
-        if getattr(self, "store_frozen", True):
+        if getattr(self, "store_frozen", True) and not self.transient:
             hidden = self._frozen_hidden(token_ids, mask)[:, :keep]
-        else:  # inference: nothing kept, so one batched pass
-            hidden = self._frozen_layers(token_ids[:, :keep], mask[:, :keep]).float()
+        else:  # inference or one-off captions: nothing kept
+            hidden = self._frozen_by_length(token_ids[:, :keep], mask[:, :keep])
         token_ids, mask = token_ids[:, :keep], mask[:, :keep]
-        dtype = next(self.backbone.encoder.layer[self.frozen_layers:].parameters(), hidden).dtype
+        top = self.backbone.encoder.layer[self.frozen_layers:]
+        dtype = next(top.parameters(), hidden).dtype
         hidden = hidden.to(dtype)
-        attn = self._bidirectional_mask(hidden, mask)
-        for layer in self.backbone.encoder.layer[self.frozen_layers:]:
-            hidden = layer(hidden, attn)
+        attention = None
+        with self._eager_attention(return_attention):
+            attn = self._bidirectional_mask(hidden, mask)
+            for i, layer in enumerate(top):
+                if return_attention and i == len(top) - 1:  # the maps are the self-attention's 2nd output
+                    seen: list[Tensor] = []
+                    handle = layer.attention.self.register_forward_hook(lambda m, a, o: seen.append(o[1]))
+                    try:
+                        hidden = layer(hidden, attn)
+                    finally:
+                        handle.remove()
+                    attention = seen[0].mean(dim=1)
+                else:
+                    hidden = layer(hidden, attn)
         if keep < full_length:
             hidden = F.pad(hidden, (0, 0, 0, full_length - keep))
-        return hidden
+            if attention is not None:
+                attention = F.pad(attention, (0, full_length - keep, 0, full_length - keep))
+        return hidden, attention
 
-    def forward(self, token_ids: Tensor, return_attention: bool = False) -> dict[str, Tensor]:
-        mask = self.valid_mask(token_ids)
-        if self.cache_limit_bytes > 0 and not return_attention:
-            tokens = self.proj(self._forward_cached(token_ids, mask))
-            return {"tokens": tokens, "global": pool_tokens(tokens, mask, self.pooling, token_ids, self.eot_id),
-                    "mask": mask}
+    @contextlib.contextmanager
+    def _eager_attention(self, enable: bool):
+        """Only eager attention returns its maps: switch to it for the body, then back."""
         previous = getattr(self.backbone.config, "_attn_implementation", None)
-        switch = return_attention and previous not in (None, "eager")
-        if switch:  # only eager attention returns the maps
+        switch = enable and previous not in (None, "eager")
+        if switch:
             self.backbone.set_attn_implementation("eager")
         try:
-            output = self.backbone(input_ids=token_ids, attention_mask=mask.long(),
-                                   output_attentions=return_attention, return_dict=True)
+            yield
         finally:
             if switch:
                 self.backbone.set_attn_implementation(previous)
-        tokens = self.proj(output.last_hidden_state)
+
+    def forward(self, token_ids: Tensor, return_attention: bool = False) -> dict[str, Tensor]:
+        mask = self.valid_mask(token_ids)
+        top_layers = len(self.backbone.encoder.layer) - self.frozen_layers
+        if self.cache_limit_bytes > 0 and (top_layers > 0 or not return_attention):
+            hidden, attention = self._forward_cached(token_ids, mask, return_attention)
+            tokens = self.proj(hidden)
+        else:
+            with self._eager_attention(return_attention):
+                output = self.backbone(input_ids=token_ids, attention_mask=mask.long(),
+                                       output_attentions=return_attention, return_dict=True)
+            tokens = self.proj(output.last_hidden_state)
+            attention = output.attentions[-1].mean(dim=1) if return_attention else None
         out = {"tokens": tokens, "global": pool_tokens(tokens, mask, self.pooling, token_ids, self.eot_id),
                "mask": mask}
-        if return_attention:
-            out["attention"] = output.attentions[-1].mean(dim=1)
+        if attention is not None:
+            out["attention"] = attention
         return out
+
+
+@contextlib.contextmanager
+def one_off_captions(encoder: nn.Module, enable: bool = True) -> Iterator[None]:
+    """Captions encoded in the body are one-off corruptions (masking, augmentation), never seen twice.
+
+    Why: a text encoder with a frozen-layer cache would otherwise compute each at the fixed full-length
+    shape the cache needs and store it for nothing (FCSA, CFFA and IRR encode two or three such
+    batches a step: most of a CPU step). Inside, it computes the batch in one pass cut to the
+    longest caption and neither reads nor stores the cache; the result is a function of the batch
+    alone, so a resumed run still repeats it exactly. Encoders without a cache ignore it, and so does
+    every encoder with ``enable`` false (a call site whose captions are only sometimes corrupted).
+    """
+    if not enable or not isinstance(encoder, HFTextEncoder):
+        yield
+        return
+    previous, encoder.transient = encoder.transient, True
+    try:
+        yield
+    finally:
+        encoder.transient = previous
 
 
 def _hf_folder(model_cfg: ModelConfig) -> Path:

@@ -57,6 +57,7 @@ from tbps.errors import TBPSError
 from tbps.losses import cmpm_loss, itc_loss, sdm_loss
 from tbps.losses.cffa import mal_loss, mal_negative_scale
 from tbps.models import METHODS
+from tbps.models.backbones import one_off_captions
 from tbps.models.methods.irra import IRRA, IRRAOptions
 from tbps.models.masking import augment_tokens
 
@@ -276,7 +277,8 @@ class CFFA(IRRA):
         use_irr = "irr" in weights and self.training
         out: dict[str, Tensor] = {}
 
-        if self.training and opts.text_aug_prob > 0:
+        augmented = self.training and opts.text_aug_prob > 0
+        if augmented:
             token_ids = self.augment_captions(token_ids)
         corrupted = labels = valid = None
         if use_irr:
@@ -285,7 +287,8 @@ class CFFA(IRRA):
         text_ids = corrupted if reuse else token_ids
 
         image_out = self.image_encoder(images, return_attention=True)
-        text_out = self.text_encoder(text_ids, return_attention=True)
+        with one_off_captions(self.text_encoder, augmented or reuse):
+            text_out = self.text_encoder(text_ids, return_attention=True)
         image_global, text_global = image_out["global"], text_out["global"]
         image_local, text_local = self.image_local(image_out), self.text_local(text_out, text_ids)
 
@@ -299,6 +302,7 @@ class CFFA(IRRA):
         if self.classifier is not None:
             out.update(self.id_terms(image_global, text_global, pids))
         if use_irr:
-            masked_out = text_out if reuse else self.text_encoder(corrupted)
+            with one_off_captions(self.text_encoder):
+                masked_out = text_out if reuse else self.text_encoder(corrupted)
             out.update(self.irr_terms(masked_out["tokens"], image_out["tokens"], labels, valid))
         return out

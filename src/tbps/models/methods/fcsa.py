@@ -64,6 +64,7 @@ from tbps.errors import TBPSError
 from tbps.losses import mlm_loss
 from tbps.losses.fcsa import cmrs_triplet_loss
 from tbps.models import METHODS
+from tbps.models.backbones import one_off_captions
 from tbps.models.base import parse_loss_weights
 from tbps.models.methods.irra import IRRA, IRRAOptions
 from tbps.models.layers import CrossModalTransformer, MLMHead
@@ -262,7 +263,9 @@ class FCSA(IRRA):
             image_rows = (draws < rate).nonzero().squeeze(1)
             text_rows = ((draws >= rate) & (draws < 2 * rate)).nonzero().squeeze(1)
         original_images = images
-        with torch.no_grad(), _eval_mode(self.image_encoder, self.text_encoder):
+        masked = self.options.global_mask_prob > 0  # then the candidates are one-off masked captions
+        with torch.no_grad(), _eval_mode(self.image_encoder, self.text_encoder), \
+                one_off_captions(self.text_encoder, masked):
             if image_rows.numel():
                 anchor = self.encode_text(token_ids[image_rows])
                 pick = _least_similar(anchor, pos_images[image_rows], self.encode_image)
@@ -342,7 +345,8 @@ class FCSA(IRRA):
         """``(masked-token cross-entropy, accuracy)`` of the text-side CMRS on the clean caption
         ``token_ids``, whose token features ``text_tokens`` give the saliency."""
         corrupted, chosen, valid = self.mask_caption_tokens(token_ids, text_tokens, image_out["global"])
-        masked_out = self.text_encoder(corrupted)  # with gradient
+        with one_off_captions(self.text_encoder):
+            masked_out = self.text_encoder(corrupted)  # with gradient
         fused = self.cross_modal(masked_out["tokens"], image_out["tokens"], query_mask=valid)
         logits = self.mlm_head(fused[chosen])
         targets = token_ids[chosen]
@@ -372,7 +376,8 @@ class FCSA(IRRA):
             out["swapped_captions"] = torch.tensor(float(text_rows.numel()))
 
         image_out = self.image_encoder(images)
-        text_out = self.text_encoder(token_ids)
+        with one_off_captions(self.text_encoder, masked):
+            text_out = self.text_encoder(token_ids)
         image_feats, text_feats = image_out["global"], text_out["global"]
         out.update(self.global_terms(image_feats, text_feats, pids))
         if self.training and "cmrs_image" in weights:

@@ -29,6 +29,7 @@ from tbps.data.tokenizers import caption_valid_mask
 from tbps.errors import TBPSError
 from tbps.losses import cmpm_loss, id_loss, itc_loss, mlm_loss, sdm_loss
 from tbps.models import METHODS
+from tbps.models.backbones import one_off_captions
 from tbps.models.base import TBPSModel, parse_loss_weights
 from tbps.models.layers import CrossModalTransformer, MLMHead
 from tbps.models.masking import IGNORE_INDEX, mask_tokens
@@ -155,13 +156,15 @@ class IRRA(TBPSModel):
         if use_irr:
             corrupted, labels, valid = self.corrupt_captions(token_ids)
         reuse = use_irr and self.options.mask_global_text  # one text pass serves both branches
-        text_out = self.text_encoder(corrupted if reuse else token_ids)
+        with one_off_captions(self.text_encoder, reuse):
+            text_out = self.text_encoder(corrupted if reuse else token_ids)
         image_feats, text_feats = image_out["global"], text_out["global"]
 
         out.update(self.global_terms(image_feats, text_feats, pids))
 
         if use_irr:
-            masked_out = text_out if reuse else self.text_encoder(corrupted)
+            with one_off_captions(self.text_encoder):
+                masked_out = text_out if reuse else self.text_encoder(corrupted)
             out.update(self.irr_terms(masked_out["tokens"], image_out["tokens"], labels, valid))
         return out
 
