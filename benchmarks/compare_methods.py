@@ -81,7 +81,10 @@ SUITE: dict[str, dict] = {
              "ablations": {"no_cross_attention": ["method.cross_attention=false"], "no_cmpc": ["loss.cmpc=0"],
                            "no_cmpm_gate": ["method.cmpm_gate=0"], "channel_regions": ["method.regions=channel"],
                            "global_score": ("from", ["method.fuse_weight=1.0"]),
-                           "cross_score_only": ("from", ["method.fuse_weight=0.0"])}},
+                           "cross_score_only": ("from", ["method.fuse_weight=0.0"]),
+                           # the fusion weight's sensitivity (scored on the test split: not a tuning)
+                           "fuse_0.5": ("from", ["method.fuse_weight=0.5"]),
+                           "fuse_0.2": ("from", ["method.fuse_weight=0.2"])}},
     "pcc": {"config": "configs/pcc_synth.yaml", "authors": [],
             "ablations": {"no_coarse": ["method.coarse=false"], "no_fine": ["method.fine=false", "loss.cmr=0"],
                           "fixed_margin": ["method.cmr_adaptive=false"], "pair_commonality": ["method.cmr_commonality=pair"],
