@@ -165,7 +165,7 @@ class HFTextEncoder(nn.Module):
     def _forward_cached(self, token_ids: Tensor, mask: Tensor,
                         return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
         """Last hidden state via the cached frozen layers, and (``return_attention``) the last layer's
-        head-mean attention, ``(B, L, L)``, zero where padding is. Padding columns no caption uses are
+        head-mean attention, ``(B, L, L)``, zero in the cut columns. Padding columns no caption uses are
         cut for the layers above the frozen ones (and, at inference or for one-off captions, where
         nothing is stored, for all layers)."""
         full_length = token_ids.shape[1]
@@ -236,9 +236,9 @@ def one_off_captions(encoder: nn.Module, enable: bool = True) -> Iterator[None]:
 
     Why: a text encoder with a frozen-layer cache would otherwise compute each at the fixed full-length
     shape the cache needs and store it for nothing (FCSA, CFFA and IRR encode two or three such
-    batches a step: most of a CPU step). Inside, it computes the batch in one pass cut to the
-    longest caption and neither reads nor stores the cache; the result is a function of the batch
-    alone, so a resumed run still repeats it exactly. Encoders without a cache ignore it, and so does
+    batches a step: most of a CPU step). Inside, it computes the batch in length-sorted passes, each
+    cut to its longest caption (``_frozen_by_length``), and neither reads nor stores the cache; the
+    result is a function of the batch alone, so a resumed run still repeats it exactly. Encoders without a cache ignore it, and so does
     every encoder with ``enable`` false (a call site whose captions are only sometimes corrupted).
     """
     if not enable or not isinstance(encoder, HFTextEncoder):
