@@ -103,10 +103,10 @@ THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THR
 
 
 @contextlib.contextmanager
-def cpu_slot(name: str):
-    """Wait for one of ``SLOTS`` comparison slots on this machine, hold it while the body runs."""
+def cpu_slot(name: str, slots: int = SLOTS):
+    """Wait for one of ``slots`` comparison slots on this machine, hold it while the body runs."""
     RUNS.mkdir(parents=True, exist_ok=True)
-    handles = [open(RUNS / f".slot{i}", "w") for i in range(SLOTS)]
+    handles = [open(RUNS / f".slot{i}", "w") for i in range(slots)]
     held = None
     try:
         announced = False
@@ -120,7 +120,7 @@ def cpu_slot(name: str):
                     continue
             if held is None:
                 if not announced:
-                    print(f"[{name}] waiting for a free comparison slot ({SLOTS} runs at a time)", flush=True)
+                    print(f"[{name}] waiting for a free comparison slot ({slots} runs at a time)", flush=True)
                     announced = True
                 time.sleep(5)
         yield
@@ -173,10 +173,10 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def evaluate(checkpoint: Path, overrides: list[str]) -> dict:
+def evaluate(checkpoint: Path, overrides: list[str], device: str = "cpu") -> dict:
     """Test-split metrics of a checkpoint in a fresh process (clean memory, comparable timing)."""
     cmd = [sys.executable, "-m", "tbps", "eval", "--checkpoint", str(checkpoint), "--split", "test",
-           "--device", "cpu", "--json", *overrides]
+           "--device", device, "--json", *overrides]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **THREADS_ENV})
     seconds = time.perf_counter() - started
@@ -225,14 +225,14 @@ def spread(values: list[float]) -> float:
 
 
 def train_one(name: str, config: str, overrides: list[str], seed: int, epochs: int, data_root: Path,
-              out: Path, images_per_id: int = 4) -> dict:
+              out: Path, images_per_id: int = 4, device: str = "cpu") -> dict:
     """Train one seed of a row into ``out`` and score it; returns that seed's record."""
     instances = min(4, int(images_per_id))
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "tbps", "train", "--config", config, "--output-dir", str(out),
            f"data.root={data_root}", f"train.epochs={epochs}", f"train.seed={seed}",
-           "train.eval_split=none", "train.device=cpu", *RUN_OPTIONS, f"data.num_instances={instances}",
+           "train.eval_split=none", f"train.device={device}", *RUN_OPTIONS, f"data.num_instances={instances}",
            *overrides]
     print(f"[{name} seed {seed}] {' '.join(cmd[1:])}", flush=True)
     started = time.perf_counter()
@@ -247,14 +247,14 @@ def train_one(name: str, config: str, overrides: list[str], seed: int, epochs: i
 
 
 def kept_record(name: str, config: str, overrides: list[str], seed: int, epochs: int, data_root: Path,
-                out: Path, images_per_id: int = 4) -> dict | None:
+                out: Path, images_per_id: int = 4, device: str = "cpu") -> dict | None:
     """The record of a seed already trained into ``out`` by the same command (``--keep``), else None."""
     saved = out / "compare_record.json"
     if not (saved.is_file() and (out / "last.pt").is_file()):
         return None
     instances = min(4, int(images_per_id))
     cmd = ["-m", "tbps", "train", "--config", config, "--output-dir", str(out), f"data.root={data_root}",
-           f"train.epochs={epochs}", f"train.seed={seed}", "train.eval_split=none", "train.device=cpu",
+           f"train.epochs={epochs}", f"train.seed={seed}", "train.eval_split=none", f"train.device={device}",
            *RUN_OPTIONS, f"data.num_instances={instances}", *overrides]
     data = json.loads(saved.read_text())
     if data.get("command") != cmd:
@@ -264,6 +264,8 @@ def kept_record(name: str, config: str, overrides: list[str], seed: int, epochs:
 
 
 def run(args: argparse.Namespace) -> None:
+    global RUNS
+    RUNS = args.runs.resolve()
     name = args.name
     if bool(args.config) == bool(args.source):
         raise SystemExit("give exactly one of --config (train a row) or --from (re-score a row's checkpoint)")
@@ -272,17 +274,18 @@ def run(args: argparse.Namespace) -> None:
         data_root = ensure_data(params)
     seeds = list(args.seeds) if args.seeds else [SEED]
     epochs = args.epochs or EPOCHS
-    with cpu_slot(name):
+    with cpu_slot(name, args.slots):
         given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("train.epochs=")]
         row = {"name": name, "overrides": list(args.overrides), "epochs": int(given[-1]) if given else epochs,
-               "seeds": seeds, "data": params, "commit": _git_commit(), "date": datetime.date.today().isoformat()}
+               "seeds": seeds, "data": params, "commit": _git_commit(), "date": datetime.date.today().isoformat(),
+               "device": device_name(args.device)}
         records = []
         if args.config:
             for seed in seeds:
                 # one seed keeps the old layout (runs/compare/NAME); several get a folder each
                 out = RUNS / name if seeds == [SEED] and not args.seeds else RUNS / name / f"seed{seed}"
                 train_args = (name, args.config, list(args.overrides), seed, epochs, data_root, out,
-                              params["images_per_id"])
+                              params["images_per_id"], args.device)
                 kept = kept_record(*train_args) if args.keep else None
                 records.append(kept or train_one(*train_args))
             row["config"] = args.config
@@ -304,20 +307,58 @@ def run(args: argparse.Namespace) -> None:
             if not checkpoint.is_file():
                 raise SystemExit(f"{checkpoint}: no checkpoint")
             print(f"[{name} seed {record['seed']}] evaluating {checkpoint} on the test split", flush=True)
-            metrics = evaluate(checkpoint, eval_overrides)
+            metrics = evaluate(checkpoint, eval_overrides, args.device)
             record.update({k: round(float(metrics[k]), 2) for k in METRICS})
             record["eval_seconds"] = round(float(metrics["eval_seconds"]), 2)
         row["runs"] = records
-        for k in METRICS:
-            values = [r[k] for r in records]
-            row[k], row[f"{k}_sd"] = round(statistics.mean(values), 2), round(spread(values), 2)
-        for k in ("train_seconds", "eval_seconds", "seconds_per_step", "steps"):
-            values = [r[k] for r in records if r.get(k) is not None]
-            row[k] = round(statistics.mean(values), 4) if values else None
+        summarise(row, records)
         row["params_m"] = count_params(RUNS / records[0]["dir"] / "last.pt")
         save_row(row, args.results)
     print(f"[{name}] " + "  ".join(f"{k} {row[k]:.2f}±{row[k + '_sd']:.2f}" for k in METRICS)
           + f"  {row['seconds_per_step']} s/step  ({len(records)} seed{'s' if len(records) > 1 else ''})")
+
+
+def summarise(row: dict, records: list[dict]) -> dict:
+    """Set a row's ``runs`` and its mean and spread of every metric and timing over them."""
+    row["runs"] = records
+    for k in METRICS:
+        values = [r[k] for r in records]
+        row[k], row[f"{k}_sd"] = round(statistics.mean(values), 2), round(spread(values), 2)
+    for k in ("train_seconds", "eval_seconds", "seconds_per_step", "steps"):
+        values = [r[k] for r in records if r.get(k) is not None]
+        row[k] = round(statistics.mean(values), 4) if values else None
+    return row
+
+
+def device_name(device: str) -> str:
+    """What trained a row: the GPU's name, or "cpu" (timings compare only between rows of one device)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device)) if torch.cuda.is_available() else device
+    return "cpu"
+
+
+def merge(args: argparse.Namespace) -> None:
+    """Rows of one name from several files (seeds trained in parallel processes or on another machine)
+    become one row: their runs together, mean and spread recomputed, written to ``--results``."""
+    by_name: dict[str, list[dict]] = {}
+    for path in args.files:
+        for row in load_rows(path):
+            by_name.setdefault(row["name"], []).append(row)
+    for name, rows in by_name.items():
+        keys = {json.dumps([r.get("config"), r.get("overrides"), r.get("epochs"), r.get("data"), r.get("source")])
+                for r in rows}
+        if len(keys) > 1:
+            raise SystemExit(f"{name}: rows trained differently (recipe, changes, epochs or data); not merged")
+        records = sorted((run for r in rows for run in r["runs"]), key=lambda run: run["seed"])
+        seeds = [run["seed"] for run in records]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit(f"{name}: seed repeated across files ({seeds})")
+        row = {**rows[0], "seeds": seeds, "merged_from": [str(p) for p in args.files]}
+        summarise(row, records)
+        save_row(row, args.results)
+        print(f"[{name}] {len(records)} seeds: R1 {row['R1']:.2f}±{row['R1_sd']:.2f} mAP {row['mAP']:.2f}")
 
 
 def suite_rows(method: str) -> list[tuple[str, list[str]]]:
@@ -347,6 +388,12 @@ def _suite_commands(args: argparse.Namespace) -> list[list[str]]:
         extra += ["--results", str(args.results)]
     if getattr(args, "keep", False):
         extra += ["--keep"]
+    if args.device != "cpu":
+        extra += ["--device", args.device]
+    if args.slots != SLOTS:
+        extra += ["--slots", str(args.slots)]
+    if args.runs.resolve() != RUNS.resolve():
+        extra += ["--runs", str(args.runs)]
     commands = []
     for method in args.methods or list(SUITE):
         for name, run_args in suite_rows(method):
@@ -407,8 +454,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ids", type=int, help=f"identities of the comparison set (default {DATA['ids']}; "
                    "another value writes its own set)")
     p.add_argument("--results", type=Path, default=RESULTS,
-                   help="jsonl file of the rows (default benchmarks/results/synth_seeded.jsonl); "
+                   help=f"jsonl file of the rows (default {RESULTS.relative_to(REPO)}); "
                    "keep a comparison at another budget in its own file")
+    p.add_argument("--device", default="cpu", help="train and evaluate on this device (cpu, cuda); "
+                   "timings compare only between rows of one device")
+    p.add_argument("--slots", type=int, default=SLOTS,
+                   help=f"runs at a time on this machine (default {SLOTS}: one CPU thread each)")
+    p.add_argument("--runs", type=Path, default=RUNS,
+                   help="folder of the runs and the shared data (default runs/compare)")
     p.add_argument("--keep", action="store_true",
                    help="reuse a seed's checkpoint trained earlier by the same command (add seeds to a row "
                    "without retraining the ones it has)")
@@ -433,13 +486,17 @@ def main() -> None:
                        help="added to every training run, e.g. train.max_steps=2 for a smoke test")
         _common(p)
         p.set_defaults(func=func)
+    p = sub.add_parser("merge", help="merge rows of one name from several result files into --results")
+    p.add_argument("files", nargs="+", type=Path, help="jsonl files, each with rows of some seeds")
+    p.add_argument("--results", type=Path, default=RESULTS, help="jsonl file the merged rows go to")
+    p.set_defaults(func=merge)
     p = sub.add_parser("table", help="print the recorded rows as a markdown table")
     p.add_argument("names", nargs="*", help="rows to print, in this order (default: all)")
     p.add_argument("--results", type=Path, default=RESULTS, help="jsonl file of the rows")
     p.set_defaults(func=table)
     args, extra = parser.parse_known_args()
     # key=value changes may stand anywhere on a run / plan / suite line
-    if extra and (args.command == "table" or any("=" not in e or e.startswith("-") for e in extra)):
+    if extra and (args.command in ("table", "merge") or any("=" not in e or e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("plan", "suite"):  # methods and key=value changes share the positional slots
         words = list(args.methods) + list(args.overrides) + extra
