@@ -12,11 +12,12 @@
 # usage (repo root, GPU machine): OUT=folder bash benchmarks/gpu_session.sh [total seconds, default 540]
 # A machine without tbps' dependencies: `python benchmarks/gpu_carry.py pack` here, carry .device_carry.
 # SMOKE=1 checks the script on a CPU in a few minutes (2 steps a run, one small speed row).
+# METHODS="irra acsa", SEEDS="1 2" pick the comparison's runs; SPEED=0 skips step 1.
 set -u
 OUT=${OUT:-runs/gpu_session}
-DEVICE=cuda; SPEED=(--methods --amp bf16 --steps 8 --warmup 3); CHANGE=()
+DEVICE=cuda; SPEED_ARGS=(--methods --amp bf16 --steps 8 --warmup 3); CHANGE=()
 if [ -n "${SMOKE:-}" ]; then
-  DEVICE=cpu; SPEED=(--only textreid --amp off --batch-size 2 --steps 1 --warmup 0); CHANGE=(train.max_steps=2)
+  DEVICE=cpu; SPEED_ARGS=(--only textreid --amp off --batch-size 2 --steps 1 --warmup 0); CHANGE=(train.max_steps=2)
 fi
 TOTAL=${1:-540}
 START=$(date +%s)
@@ -33,17 +34,20 @@ fi
 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__, \
 'open_clip', open_clip.__version__)"; nproc; } 2>&1 | tee "$OUT/machine.txt"
 
-echo "== 1. training speed at paper size ($(($(date +%s) - START)) s)"
-python3 benchmarks/train_speed.py "${SPEED[@]}" --device $DEVICE --json "$OUT/train_speed_cuda.jsonl" 2>&1 | tee "$OUT/train_speed.log"
+if [ "${SPEED:-1}" != 0 ]; then
+  echo "== 1. training speed at paper size ($(($(date +%s) - START)) s)"
+  python3 benchmarks/train_speed.py "${SPEED_ARGS[@]}" --device $DEVICE --json "$OUT/train_speed_cuda.jsonl" 2>&1 \
+    | tee "$OUT/train_speed.log"
+fi
 
 echo "== 2. SynthPEDES comparison at 384x128 on the GPU ($(($(date +%s) - START)) s)"
 LEFT=$((TOTAL - ($(date +%s) - START) - 25))
 RUNS=/tmp/compare_gpu
 mkdir -p "$OUT/rows" "$RUNS"
 # the same recipes and authors' overrides as the CPU rows (plan), 384x128 images, one file per seed
-python3 benchmarks/compare_methods.py plan irra cffa acsa textreid pcc fcsa 'data.image_size=[384,128]' \
+python3 benchmarks/compare_methods.py plan ${METHODS:-irra cffa acsa textreid pcc fcsa} 'data.image_size=[384,128]' \
   "${CHANGE[@]}" --device $DEVICE --slots 18 --runs "$RUNS" | grep -E '^python benchmarks/compare_methods.py run [a-z]+ ' > "$OUT/plan.txt"
-for seed in 0 1 2; do
+for seed in ${SEEDS:-0 1 2}; do
   while read -r line; do
     name=$(echo "$line" | awk '{print $4}')
     echo "$line --seeds $seed --results $OUT/rows/${name}_s${seed}.jsonl"
