@@ -311,6 +311,8 @@ def run(args: argparse.Namespace) -> None:
             record.update({k: round(float(metrics[k]), 2) for k in METRICS})
             record["eval_seconds"] = round(float(metrics["eval_seconds"]), 2)
         row["runs"] = records
+        for record in records:
+            record.setdefault("device", row["device"])
         summarise(row, records)
         row["params_m"] = count_params(RUNS / records[0]["dir"] / "last.pt")
         save_row(row, args.results)
@@ -355,7 +357,8 @@ def merge(args: argparse.Namespace) -> None:
         seeds = [run["seed"] for run in records]
         if len(set(seeds)) != len(seeds):
             raise SystemExit(f"{name}: seed repeated across files ({seeds})")
-        row = {**rows[0], "seeds": seeds, "merged_from": [str(p) for p in args.files]}
+        devices = sorted({run.get("device") or r.get("device", "cpu") for r in rows for run in r["runs"]})
+        row = {**rows[0], "seeds": seeds, "merged_from": [str(p) for p in args.files], "device": " + ".join(devices)}
         summarise(row, records)
         save_row(row, args.results)
         print(f"[{name}] {len(records)} seeds: R1 {row['R1']:.2f}±{row['R1_sd']:.2f} mAP {row['mAP']:.2f}")
@@ -388,11 +391,11 @@ def _suite_commands(args: argparse.Namespace) -> list[list[str]]:
         extra += ["--results", str(args.results)]
     if getattr(args, "keep", False):
         extra += ["--keep"]
-    if args.device != "cpu":
+    if getattr(args, "device", "cpu") != "cpu":
         extra += ["--device", args.device]
-    if args.slots != SLOTS:
+    if getattr(args, "slots", SLOTS) != SLOTS:
         extra += ["--slots", str(args.slots)]
-    if args.runs.resolve() != RUNS.resolve():
+    if getattr(args, "runs", RUNS).resolve() != RUNS.resolve():
         extra += ["--runs", str(args.runs)]
     commands = []
     for method in args.methods or list(SUITE):

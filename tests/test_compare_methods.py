@@ -115,3 +115,38 @@ def test_keep_reuses_a_seed_trained_by_the_same_command_only(tmp_path, monkeypat
     assert compare.kept_record("x", "configs/irra_synth.yaml", ["loss.id=0"], 1, 14, tmp_path / "data",
                                tmp_path / "x", 2) is None  # other epochs: retrain
     assert compare.kept_record(*args[:6], tmp_path / "y", 2) is None  # nothing there
+
+
+def test_plan_passes_device_slots_and_runs_folder_on(capsys, tmp_path):
+    args = compare.argparse.Namespace(methods=["irra"], overrides=["data.image_size=[384,128]"], seeds=None,
+                                      epochs=None, ids=None, results=compare.RESULTS, device="cuda", slots=6,
+                                      runs=tmp_path)
+    compare.plan(args)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.endswith(f"--device cuda --slots 6 --runs {tmp_path}") and "'data.image_size=[384,128]'" in line
+
+
+def test_merge_joins_seeds_from_several_files_and_refuses_mismatches(tmp_path):
+    """Seeds trained in parallel processes (one results file each) become one row with a noise band."""
+    def row(seed, r1, overrides=("loss.id=0",)):
+        return {"name": "x", "config": "c.yaml", "overrides": list(overrides), "epochs": 45, "data": {"ids": 5},
+                "seeds": [seed], "runs": [{"seed": seed, "dir": f"x/seed{seed}", "R1": r1, "R5": 1.0, "R10": 2.0,
+                                           "mAP": r1 / 2, "mINP": 0.5, "train_seconds": 10.0 * (seed + 1),
+                                           "steps": 3, "seconds_per_step": 1.0, "eval_seconds": 2.0}]}
+
+    files = []
+    for seed, r1 in ((2, 30.0), (0, 34.0)):
+        files.append(tmp_path / f"x_s{seed}.jsonl")
+        files[-1].write_text(json.dumps(row(seed, r1)) + "\n")
+    out = tmp_path / "merged.jsonl"
+    compare.merge(compare.argparse.Namespace(files=files, results=out))
+    (merged,) = compare.load_rows(out)
+    assert merged["seeds"] == [0, 2] and [r["seed"] for r in merged["runs"]] == [0, 2]
+    assert merged["R1"] == 32.0 and merged["R1_sd"] == pytest.approx(statistics.stdev([30.0, 34.0]), abs=0.01)
+    assert merged["mAP"] == 16.0 and merged["train_seconds"] == 20.0
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(row(1, 20.0, overrides=("loss.id=1",))) + "\n")
+    with pytest.raises(SystemExit, match="trained differently"):
+        compare.merge(compare.argparse.Namespace(files=[files[0], other], results=tmp_path / "m2.jsonl"))
+    with pytest.raises(SystemExit, match="seed repeated"):
+        compare.merge(compare.argparse.Namespace(files=[files[0], files[0]], results=tmp_path / "m3.jsonl"))
