@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,8 +60,6 @@ BERT_BASE = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size"
 
 def bert_base_folder(root: Path) -> Path:
     """A BERT-base config folder (no weights) with MiniLM's tokenizer files: random-init speed runs only."""
-    import shutil
-
     from tbps.data.tokenizers import _minilm_folder
 
     folder = root / "bert-base-config"
@@ -161,8 +161,6 @@ def main() -> None:
 
     import torch
 
-    import tempfile
-
     devices = [args.device] if args.device else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     setups = {**SETUPS, **METHOD_SETUPS}
     names = [args.only] if args.only else list(METHOD_SETUPS if args.methods else SETUPS)
@@ -202,6 +200,7 @@ def main() -> None:
         print(f"| {description} | {batch} | {r['device']} | {r['amp']} | {r['pairs_per_s']:.1f} | "
               f"{r['s_per_step']:.3f} | {r['peak_mib']:.0f} | {r['params_m']:.1f} | "
               f"{r['gflop_per_step']:.0f} | {r['tflops']:.2f} |")
+    shutil.rmtree(scratch, ignore_errors=True)
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
 
