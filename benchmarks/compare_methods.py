@@ -224,16 +224,21 @@ def spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def train_command(config: str, overrides: list[str], seed: int, epochs: int, data_root: Path, out: Path,
+                  images_per_id: int, device: str) -> list[str]:
+    """The ``-m tbps train`` arguments of one seed (also what ``--keep`` compares)."""
+    instances = min(4, int(images_per_id))
+    return ["-m", "tbps", "train", "--config", config, "--output-dir", str(out), f"data.root={data_root}",
+            f"train.epochs={epochs}", f"train.seed={seed}", "train.eval_split=none", f"train.device={device}",
+            *RUN_OPTIONS, f"data.num_instances={instances}", *overrides]
+
+
 def train_one(name: str, config: str, overrides: list[str], seed: int, epochs: int, data_root: Path,
               out: Path, images_per_id: int = 4, device: str = "cpu") -> dict:
     """Train one seed of a row into ``out`` and score it; returns that seed's record."""
-    instances = min(4, int(images_per_id))
     if out.exists():
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "tbps", "train", "--config", config, "--output-dir", str(out),
-           f"data.root={data_root}", f"train.epochs={epochs}", f"train.seed={seed}",
-           "train.eval_split=none", f"train.device={device}", *RUN_OPTIONS, f"data.num_instances={instances}",
-           *overrides]
+    cmd = [sys.executable, *train_command(config, overrides, seed, epochs, data_root, out, images_per_id, device)]
     print(f"[{name} seed {seed}] {' '.join(cmd[1:])}", flush=True)
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **THREADS_ENV})
@@ -252,10 +257,7 @@ def kept_record(name: str, config: str, overrides: list[str], seed: int, epochs:
     saved = out / "compare_record.json"
     if not (saved.is_file() and (out / "last.pt").is_file()):
         return None
-    instances = min(4, int(images_per_id))
-    cmd = ["-m", "tbps", "train", "--config", config, "--output-dir", str(out), f"data.root={data_root}",
-           f"train.epochs={epochs}", f"train.seed={seed}", "train.eval_split=none", f"train.device={device}",
-           *RUN_OPTIONS, f"data.num_instances={instances}", *overrides]
+    cmd = train_command(config, overrides, seed, epochs, data_root, out, images_per_id, device)
     data = json.loads(saved.read_text())
     if data.get("command") != cmd:
         return None
@@ -310,7 +312,6 @@ def run(args: argparse.Namespace) -> None:
             metrics = evaluate(checkpoint, eval_overrides, args.device)
             record.update({k: round(float(metrics[k]), 2) for k in METRICS})
             record["eval_seconds"] = round(float(metrics["eval_seconds"]), 2)
-        row["runs"] = records
         for record in records:
             record.setdefault("device", row["device"])
         summarise(row, records)
