@@ -22,6 +22,7 @@ runs on one machine without oversubscribing it: timings are of one thread, next 
     python benchmarks/compare_methods.py plan fcsa --seeds 0 1 2 --epochs 15 --ids 500
     python benchmarks/compare_methods.py suite irra fcsa --seeds 0 1 2 train.max_steps=2   # smoke
     python benchmarks/compare_methods.py table
+    python benchmarks/compare_methods.py plot irra fcsa irra-no_id fcsa-no_sgmm --out ablations.png
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ SUITE: dict[str, dict] = {
     "fcsa": {"config": "configs/fcsa_synth.yaml", "authors": [],
              "ablations": {"no_cmrs_image": ["loss.cmrs_image=0"], "no_cmrs_text": ["loss.cmrs_text=0"],
                            "no_sgmm": ["method.saliency=random"], "no_swap": ["method.swap_rate=0"],
-                           "clean_global": ["method.global_mask_prob=0"]}},
+                           "clean_global": ["method.global_mask_prob=0"],
+                           # not a paper ablation: what FCSA's additions sit on (ID + CMPM) against IRRA's
+                           # SDM, the candidate cause of FCSA's gap to IRRA here
+                           "sdm_for_cmpm": ["loss.cmpm=0", "loss.sdm=1.0"]}},
     "cffa": {"config": "configs/cffa_synth.yaml", "authors": [],
              "ablations": {"sdm_for_mal": ["loss.mal=0", "loss.sdm=1.0"], "no_irr": ["loss.irr=0"],
                            "no_aug": ["method.text_aug_prob=0"], "mal_tau_scale": ["method.mal_negative_scale=tau"],
@@ -451,6 +455,79 @@ def table(args: argparse.Namespace) -> None:
               f"{r.get('params_m', '-')} |")
 
 
+def paired_effect(rows: dict[str, dict], name: str, metric: str) -> tuple[str, list[float]]:
+    """What a component is worth in ``metric``, seed by seed: ``(label, [with - without per seed])``.
+
+    Row ``m-suffix`` is method ``m`` without (or, for ``with_*``, with) a component; the effect is
+    paired on the seeds both rows trained (re-scored rows share their method's checkpoints), so a
+    seed's luck cancels and the spread of the differences is the effect's own noise band."""
+    method, _, suffix = name.partition("-")
+    if not suffix or method not in rows or name not in rows:
+        raise SystemExit(f"{name}: needs rows {method!r} and {name!r} in the results")
+    by_seed = {m: {run["seed"]: run[metric] for run in rows[m].get("runs") or []} for m in (method, name)}
+    seeds = sorted(set(by_seed[method]) & set(by_seed[name]))
+    if not seeds:
+        raise SystemExit(f"{name}: no seed in common with {method!r}")
+    if suffix.startswith("with_"):  # the ablation adds the component
+        return f"{method}: {suffix[5:]}", [by_seed[name][s] - by_seed[method][s] for s in seeds]
+    if suffix.startswith("no_"):
+        label = suffix[3:]
+    elif "_for_" in suffix:  # the ablation puts A in place of the method's B
+        replacement, _, original = suffix.partition("_for_")
+        label = f"{original} (vs {replacement})"
+    else:  # another reading of the method: the recipe against it
+        label = f"recipe (vs {suffix})"
+    return f"{method}: {label}", [by_seed[method][s] - by_seed[name][s] for s in seeds]
+
+
+def plot(args: argparse.Namespace) -> None:
+    """The methods' R1 and mAP with every seed, and each ablation's paired effect, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {r["name"]: r for r in load_rows(args.results)}
+    methods = [n for n in args.names if "-" not in n]
+    ablations = [n for n in args.names if "-" in n]
+    missing = [n for n in methods if n not in rows]
+    if missing:
+        raise SystemExit(f"{args.results}: no row {missing[0]!r}")
+    height = 1.5 + 0.28 * max(len(methods), len(ablations))
+    fig, axes = plt.subplots(1, 3, figsize=(16, height), gridspec_kw={"width_ratios": [1, 1.3, 1.3]},
+                             layout="constrained")
+    for y, name in enumerate(reversed(methods)):
+        for metric, colour, dy in (("R1", "tab:blue", 0.12), ("mAP", "tab:orange", -0.12)):
+            values = [run[metric] for run in rows[name].get("runs") or [rows[name]]]
+            axes[0].scatter(values, [y + dy] * len(values), s=12, color=colour, alpha=0.5)
+            axes[0].errorbar(statistics.mean(values), y + dy, xerr=spread(values), fmt="o", color=colour,
+                             capsize=3, label=metric if y == 0 else None)
+    axes[0].set_yticks(range(len(methods)), list(reversed(methods)))
+    axes[0].set_xlabel("test score (%): mean ± spread, dots = seeds")
+    axes[0].legend(loc="lower right", fontsize=8)
+    for ax, metric in ((axes[1], "R1"), (axes[2], "mAP")):
+        labels = []
+        for y, name in enumerate(reversed(ablations)):
+            label, diffs = paired_effect(rows, name, metric)
+            labels.append(f"{label} ({len(diffs)})")
+            mean = statistics.mean(diffs)
+            colour = "tab:green" if mean > spread(diffs) > 0 else "tab:red" if -mean > spread(diffs) > 0 else "grey"
+            ax.scatter(diffs, [y] * len(diffs), s=12, color=colour, alpha=0.5)
+            ax.errorbar(mean, y, xerr=spread(diffs), fmt="o", color=colour, capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(ablations)), labels, fontsize=8)
+        ax.set_xlabel(f"{metric} points the component adds (paired by seed)")
+    axes[2].set_yticklabels([])
+    fig.suptitle(f"{args.results.name}: the methods, and what each component is worth (dots: seeds; "
+                 "bars: mean ± spread; green/red: mean beyond one spread; (n): seeds paired)", fontsize=10)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help=f"train each row once per seed (default: {SEED}); "
                    "the row reports the mean and spread")
@@ -498,9 +575,16 @@ def main() -> None:
     p.add_argument("names", nargs="*", help="rows to print, in this order (default: all)")
     p.add_argument("--results", type=Path, default=RESULTS, help="jsonl file of the rows")
     p.set_defaults(func=table)
+    p = sub.add_parser("plot", help="draw the methods' scores and each ablation's paired effect as a PNG")
+    p.add_argument("names", nargs="+", help="method rows (e.g. irra) and ablation rows (e.g. irra-no_id), "
+                   "drawn in this order")
+    p.add_argument("--results", type=Path, default=RESULTS, help="jsonl file of the rows")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "figures" / "synth_e45.png",
+                   help="the PNG to write (default benchmarks/figures/synth_e45.png)")
+    p.set_defaults(func=plot)
     args, extra = parser.parse_known_args()
     # key=value changes may stand anywhere on a run / plan / suite line
-    if extra and (args.command in ("table", "merge") or any("=" not in e or e.startswith("-") for e in extra)):
+    if extra and (args.command in ("table", "merge", "plot") or any("=" not in e or e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("plan", "suite"):  # methods and key=value changes share the positional slots
         words = list(args.methods) + list(args.overrides) + extra

@@ -150,3 +150,26 @@ def test_merge_joins_seeds_from_several_files_and_refuses_mismatches(tmp_path):
         compare.merge(compare.argparse.Namespace(files=[files[0], other], results=tmp_path / "m2.jsonl"))
     with pytest.raises(SystemExit, match="seed repeated"):
         compare.merge(compare.argparse.Namespace(files=[files[0], files[0]], results=tmp_path / "m3.jsonl"))
+
+
+def test_paired_effect_pairs_seeds_and_signs_each_kind_of_ablation(tmp_path):
+    """An ablation's effect is (with - without) on the seeds both rows trained, whatever the row's form,
+    and ``plot`` draws the rows it is given into a PNG."""
+    def row(name, r1_by_seed):
+        return {"name": name, "R1": statistics.mean(r1_by_seed.values()), "mAP": 1.0,
+                "runs": [{"seed": s, "R1": v, "mAP": v / 2} for s, v in r1_by_seed.items()]}
+
+    rows = {r["name"]: r for r in (row("m", {0: 30.0, 1: 34.0, 2: 32.0}), row("m-no_x", {0: 25.0, 2: 31.0}),
+                                   row("m-with_y", {0: 29.0, 1: 36.0, 2: 32.0}),
+                                   row("m-a_for_b", {1: 40.0}), row("m-other", {0: 30.0, 1: 30.0, 2: 30.0}))}
+    assert compare.paired_effect(rows, "m-no_x", "R1") == ("m: x", [5.0, 1.0])  # seed 1 unpaired: left out
+    assert compare.paired_effect(rows, "m-with_y", "R1") == ("m: y", [-1.0, 2.0, 0.0])
+    assert compare.paired_effect(rows, "m-a_for_b", "mAP") == ("m: b (vs a)", [-3.0])
+    assert compare.paired_effect(rows, "m-other", "R1") == ("m: recipe (vs other)", [0.0, 4.0, 2.0])
+    with pytest.raises(SystemExit, match="needs rows"):
+        compare.paired_effect(rows, "q-no_x", "R1")
+    results = tmp_path / "rows.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    out = tmp_path / "figures" / "e.png"
+    compare.plot(compare.argparse.Namespace(names=list(rows), results=results, out=out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(out.parent.glob("*.tmp.png"))
