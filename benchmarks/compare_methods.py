@@ -91,6 +91,7 @@ SUITE: dict[str, dict] = {
                            "fuse_0.2": ("from", ["method.fuse_weight=0.2"])}},
     "pcc": {"config": "configs/pcc_synth.yaml", "authors": [],
             "ablations": {"no_coarse": ["method.coarse=false"], "no_fine": ["method.fine=false", "loss.cmr=0"],
+                          "no_cmr": ["loss.cmr=0"],  # the fine level kept with its ID loss: CMR's own share
                           "fixed_margin": ["method.cmr_adaptive=false"], "pair_commonality": ["method.cmr_commonality=pair"],
                           "global_score": ("from", ["method.inference_weights.coarse=0",
                                                     "method.inference_weights.fine=0"])}},
