@@ -203,12 +203,19 @@ def count_params(checkpoint: Path) -> float:
 
 
 def save_row(row: dict, results: Path = RESULTS) -> None:
+    """Replace (or add) ``row`` in ``results``, atomically and under a lock on the folder: two runs
+    that finish together each read the other's row before writing theirs."""
     results.parent.mkdir(parents=True, exist_ok=True)
-    rows = load_rows(results)
-    rows = [r for r in rows if r["name"] != row["name"]] + [row]
-    tmp = results.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, results)
+    folder = os.open(results.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        rows = load_rows(results)
+        rows = [r for r in rows if r["name"] != row["name"]] + [row]
+        tmp = results.with_name(f"{results.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, results)
+    finally:
+        os.close(folder)  # closing the descriptor releases the lock
 
 
 def seconds_per_step(run_dir: Path) -> float | None:

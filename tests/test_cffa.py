@@ -67,6 +67,8 @@ def test_mal_matches_direct_computation(tau):
     assert mean.dtype == torch.float64
     assert mean.item() == pytest.approx(sum(expected) / 8, rel=1e-9, abs=1e-12)
     assert total.item() == pytest.approx(sum(expected), rel=1e-9, abs=1e-12)
+    per_pair = mal_loss(image, text, pid_tensor, margin=0.1, tau=tau, reduction="none")
+    assert per_pair.tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("batch", [8, 32, 64, 100])

@@ -173,3 +173,31 @@ def test_paired_effect_pairs_seeds_and_signs_each_kind_of_ablation(tmp_path):
     out = tmp_path / "figures" / "e.png"
     compare.plot(compare.argparse.Namespace(names=list(rows), results=results, out=out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(out.parent.glob("*.tmp.png"))
+
+
+def test_save_row_waits_for_the_results_lock_and_keeps_every_row(tmp_path):
+    """Two runs that finish together must not drop each other's row: a writer waits for the folder
+    lock, then re-reads the file, so the row written meanwhile survives."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    results = tmp_path / "rows.jsonl"
+    compare.save_row({"name": "a", "R1": 1.0}, results)
+    folder = os.open(tmp_path, os.O_RDONLY)  # not inherited by the writer (PEP 446)
+    fcntl.flock(folder, fcntl.LOCK_EX)  # another run is writing
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('c', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "m.save_row({'name': 'b', 'R1': 2.0}, m.Path(sys.argv[2]))")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(REPO / "benchmarks" / "compare_methods.py"),
+                               str(results)])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            writer.wait(timeout=3.0)  # blocked on the lock
+        results.write_text(results.read_text() + json.dumps({"name": "c", "R1": 3.0}) + "\n")  # the other run's row
+    finally:
+        os.close(folder)
+    assert writer.wait(timeout=30) == 0
+    assert [r["name"] for r in compare.load_rows(results)] == ["a", "c", "b"]
+    assert not list(tmp_path.glob("*.tmp"))

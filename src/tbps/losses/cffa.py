@@ -34,13 +34,14 @@ def mal_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor, margin: floa
         L_i2t(i)  = the same on s transposed (image i against the texts)
         L         = 1/B sum_i (L_t2i(i) + L_i2t(i))     (reduction="mean")
                   =     sum_i (L_t2i(i) + L_i2t(i))     (reduction="sum", CFFA's code)
+                  =     [L_t2i(i) + L_i2t(i)]_i          (reduction="none": which pairs still pull)
 
     ``m = margin`` (0.1) and ``tau`` (0.015) are CFFA's. ``c = negative_scale``: tau when None (the
     paper's smooth maximum), ``mal_negative_scale(B)`` in CFFA's code. A query without negatives
     (the whole batch is one person) contributes 0.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"mal_loss reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"mal_loss reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     image_norm = F.normalize(full_precision(image_feats), dim=-1)
     text_norm = F.normalize(full_precision(text_feats), dim=-1)
     scores = text_norm @ image_norm.t()
@@ -58,4 +59,6 @@ def mal_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor, margin: floa
         return torch.where(has_negative, cost, torch.zeros_like(cost))
 
     per_query = one_direction(scores) + one_direction(scores.t())
+    if reduction == "none":
+        return per_query
     return per_query.sum() if reduction == "sum" else per_query.mean()
