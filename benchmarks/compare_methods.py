@@ -502,8 +502,12 @@ def plot(args: argparse.Namespace) -> None:
     if missing:
         raise SystemExit(f"{args.results}: no row {missing[0]!r}")
     height = 1.5 + 0.28 * max(len(methods), len(ablations))
-    fig, axes = plt.subplots(1, 3, figsize=(16, height), gridspec_kw={"width_ratios": [1, 1.3, 1.3]},
-                             layout="constrained")
+    if ablations:
+        fig, axes = plt.subplots(1, 3, figsize=(16, height), gridspec_kw={"width_ratios": [1, 1.3, 1.3]},
+                                 layout="constrained")
+    else:  # the methods alone
+        fig, axes = plt.subplots(1, 1, figsize=(6, height), layout="constrained", squeeze=False)
+        axes = axes[0]
     for y, name in enumerate(reversed(methods)):
         for metric, colour, dy in (("R1", "tab:blue", 0.12), ("mAP", "tab:orange", -0.12)):
             values = [run[metric] for run in rows[name].get("runs") or [rows[name]]]
@@ -513,7 +517,7 @@ def plot(args: argparse.Namespace) -> None:
     axes[0].set_yticks(range(len(methods)), list(reversed(methods)))
     axes[0].set_xlabel("test score (%): mean ± spread, dots = seeds")
     axes[0].legend(loc="lower right", fontsize=8)
-    for ax, metric in ((axes[1], "R1"), (axes[2], "mAP")):
+    for ax, metric in zip(axes[1:], ("R1", "mAP")):
         labels = []
         for y, name in enumerate(reversed(ablations)):
             label, diffs = paired_effect(rows, name, metric)
@@ -525,9 +529,12 @@ def plot(args: argparse.Namespace) -> None:
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(range(len(ablations)), labels, fontsize=8)
         ax.set_xlabel(f"{metric} points the component adds (paired by seed)")
-    axes[2].set_yticklabels([])
-    fig.suptitle(f"{args.results.name}: the methods, and what each component is worth (dots: seeds; "
-                 "bars: mean ± spread; green/red: mean beyond one spread; (n): seeds paired)", fontsize=10)
+    if ablations:
+        axes[2].set_yticklabels([])
+        fig.suptitle(f"{args.results.name}: the methods, and what each component is worth (dots: seeds; "
+                     "bars: mean ± spread; green/red: mean beyond one spread; (n): seeds paired)", fontsize=10)
+    else:
+        fig.suptitle(f"{args.results.name}: the methods (dots: seeds; bars: mean ± spread)", fontsize=10)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)

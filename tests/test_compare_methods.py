@@ -173,6 +173,8 @@ def test_paired_effect_pairs_seeds_and_signs_each_kind_of_ablation(tmp_path):
     out = tmp_path / "figures" / "e.png"
     compare.plot(compare.argparse.Namespace(names=list(rows), results=results, out=out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(out.parent.glob("*.tmp.png"))
+    compare.plot(compare.argparse.Namespace(names=["m"], results=results, out=tmp_path / "methods.png"))
+    assert (tmp_path / "methods.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_save_row_waits_for_the_results_lock_and_keeps_every_row(tmp_path):
