@@ -77,11 +77,15 @@ SUITE: dict[str, dict] = {
                            # every FCSA addition off and SDM + ID: should train as the irra row does
                            "irra_base": ["loss.cmrs_image=0", "loss.cmrs_text=0", "loss.cmpm=0", "loss.sdm=1.0",
                                          "method.global_mask_prob=0", "method.swap_rate=0"],
-                           # that base plus one group of additions: the masked captions and the swap, or CMRS
+                           # that base plus one group of additions: the masked captions and the swap, CMRS, or one of the first two
                            "irra_base_mask_swap": ["loss.cmrs_image=0", "loss.cmrs_text=0", "loss.cmpm=0",
                                                    "loss.sdm=1.0"],
                            "irra_base_cmrs": ["loss.cmpm=0", "loss.sdm=1.0", "method.global_mask_prob=0",
-                                              "method.swap_rate=0"]}},
+                                              "method.swap_rate=0"],
+                           "irra_base_mask": ["loss.cmrs_image=0", "loss.cmrs_text=0", "loss.cmpm=0", "loss.sdm=1.0",
+                                              "method.swap_rate=0"],
+                           "irra_base_swap": ["loss.cmrs_image=0", "loss.cmrs_text=0", "loss.cmpm=0", "loss.sdm=1.0",
+                                              "method.global_mask_prob=0"]}},
     "cffa": {"config": "configs/cffa_synth.yaml", "authors": [],
              "ablations": {"sdm_for_mal": ["loss.mal=0", "loss.sdm=1.0"], "no_irr": ["loss.irr=0"],
                            "no_aug": ["method.text_aug_prob=0"], "mal_tau_scale": ["method.mal_negative_scale=tau"],
