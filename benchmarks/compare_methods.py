@@ -62,6 +62,9 @@ METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 # method -> its synth recipe, the overrides that follow the authors' code where the recipe does not
 # already (method defaults do), and each paper ablation: row suffix -> overrides (training runs) or
 # ("from", overrides) for a re-scored checkpoint of the method's own row.
+# FCSA's additions, switched off one group at a time (the rows that locate its gap to IRRA)
+_NO_CMRS, _SDM = ["loss.cmrs_image=0", "loss.cmrs_text=0"], ["loss.cmpm=0", "loss.sdm=1.0"]
+_CLEAN, _NO_SWAP = ["method.global_mask_prob=0"], ["method.swap_rate=0"]
 SUITE: dict[str, dict] = {
     "irra": {"config": "configs/irra_synth.yaml", "authors": [],
              "ablations": {"itc_for_sdm": ["loss.sdm=0", "loss.itc=1.0"], "no_id": ["loss.id=0"],
@@ -69,23 +72,19 @@ SUITE: dict[str, dict] = {
                                                                                   "method.mask_global_text=true"]}},
     "fcsa": {"config": "configs/fcsa_synth.yaml", "authors": [],
              "ablations": {"no_cmrs_image": ["loss.cmrs_image=0"], "no_cmrs_text": ["loss.cmrs_text=0"],
-                           "no_sgmm": ["method.saliency=random"], "no_swap": ["method.swap_rate=0"],
-                           "clean_global": ["method.global_mask_prob=0"],
+                           "no_sgmm": ["method.saliency=random"], "no_swap": _NO_SWAP,
+                           "clean_global": _CLEAN,
                            # not a paper ablation: what FCSA's additions sit on (ID + CMPM) against IRRA's
                            # SDM, the candidate cause of FCSA's gap to IRRA here
-                           "sdm_for_cmpm": ["loss.cmpm=0", "loss.sdm=1.0"],
+                           "sdm_for_cmpm": _SDM,
                            # every FCSA addition off and SDM + ID: should train as the irra row does
-                           "irra_base": ["loss.cmrs_image=0", "loss.cmrs_text=0", "loss.cmpm=0", "loss.sdm=1.0",
-                                         "method.global_mask_prob=0", "method.swap_rate=0"],
-                           # that base plus one group of additions: the masked captions and the swap, CMRS, or one of the first two
-                           "irra_base_mask_swap": ["loss.cmrs_image=0", "loss.cmrs_text=0", "loss.cmpm=0",
-                                                   "loss.sdm=1.0"],
-                           "irra_base_cmrs": ["loss.cmpm=0", "loss.sdm=1.0", "method.global_mask_prob=0",
-                                              "method.swap_rate=0"],
-                           "irra_base_mask": ["loss.cmrs_image=0", "loss.cmrs_text=0", "loss.cmpm=0", "loss.sdm=1.0",
-                                              "method.swap_rate=0"],
-                           "irra_base_swap": ["loss.cmrs_image=0", "loss.cmrs_text=0", "loss.cmpm=0", "loss.sdm=1.0",
-                                              "method.global_mask_prob=0"]}},
+                           "irra_base": [*_NO_CMRS, *_SDM, *_CLEAN, *_NO_SWAP],
+                           # that base plus one group of additions: the masked captions and the swap, CMRS,
+                           # or one of the first two
+                           "irra_base_mask_swap": [*_NO_CMRS, *_SDM],
+                           "irra_base_cmrs": [*_SDM, *_CLEAN, *_NO_SWAP],
+                           "irra_base_mask": [*_NO_CMRS, *_SDM, *_NO_SWAP],
+                           "irra_base_swap": [*_NO_CMRS, *_SDM, *_CLEAN]}},
     "cffa": {"config": "configs/cffa_synth.yaml", "authors": [],
              "ablations": {"sdm_for_mal": ["loss.mal=0", "loss.sdm=1.0"], "no_irr": ["loss.irr=0"],
                            "no_aug": ["method.text_aug_prob=0"], "mal_tau_scale": ["method.mal_negative_scale=tau"],
