@@ -477,16 +477,23 @@ def table(args: argparse.Namespace) -> None:
 def paired_effect(rows: dict[str, dict], name: str, metric: str) -> tuple[str, list[float]]:
     """What a component is worth in ``metric``, seed by seed: ``(label, [with - without per seed])``.
 
-    Row ``m-suffix`` is method ``m`` without (or, for ``with_*``, with) a component; the effect is
-    paired on the seeds both rows trained (re-scored rows share their method's checkpoints), so a
-    seed's luck cancels and the spread of the differences is the effect's own noise band."""
+    Row ``m-suffix`` is method ``m`` without (or, for ``with_*``, with) a component; a row named
+    after another ablation row plus ``_x`` (``m-base_x`` beside ``m-base``) is that row with ``x``
+    added, and pairs against it. The effect is paired on the seeds both rows trained (re-scored rows
+    share their method's checkpoints), so a seed's luck cancels and the spread of the differences is
+    the effect's own noise band."""
     method, _, suffix = name.partition("-")
-    if not suffix or method not in rows or name not in rows:
+    bases = [b for b in rows if "-" in b and name.startswith(b + "_")]
+    reference = max(bases, key=len) if bases else method  # the longest: the row it adds one thing to
+    if not suffix or reference not in rows or name not in rows:
         raise SystemExit(f"{name}: needs rows {method!r} and {name!r} in the results")
-    by_seed = {m: {run["seed"]: run[metric] for run in rows[m].get("runs") or []} for m in (method, name)}
-    seeds = sorted(set(by_seed[method]) & set(by_seed[name]))
+    by_seed = {m: {run["seed"]: run[metric] for run in rows[m].get("runs") or []} for m in (reference, name)}
+    seeds = sorted(set(by_seed[reference]) & set(by_seed[name]))
     if not seeds:
-        raise SystemExit(f"{name}: no seed in common with {method!r}")
+        raise SystemExit(f"{name}: no seed in common with {reference!r}")
+    if bases:  # a build-up row: what the added part does on top of its base row
+        return (f"{method}: {reference.partition('-')[2]} + {name[len(reference) + 1:]}",
+                [by_seed[name][s] - by_seed[reference][s] for s in seeds])
     if suffix.startswith("with_"):  # the ablation adds the component
         return f"{method}: {suffix[5:]}", [by_seed[name][s] - by_seed[method][s] for s in seeds]
     if suffix.startswith("no_"):

@@ -161,11 +161,15 @@ def test_paired_effect_pairs_seeds_and_signs_each_kind_of_ablation(tmp_path):
 
     rows = {r["name"]: r for r in (row("m", {0: 30.0, 1: 34.0, 2: 32.0}), row("m-no_x", {0: 25.0, 2: 31.0}),
                                    row("m-with_y", {0: 29.0, 1: 36.0, 2: 32.0}),
-                                   row("m-a_for_b", {1: 40.0}), row("m-other", {0: 30.0, 1: 30.0, 2: 30.0}))}
+                                   row("m-a_for_b", {1: 40.0}), row("m-other", {0: 30.0, 1: 30.0, 2: 30.0}),
+                                   row("m-other_z", {0: 33.0, 2: 29.0}), row("m-other_z_w", {2: 35.0}))}
     assert compare.paired_effect(rows, "m-no_x", "R1") == ("m: x", [5.0, 1.0])  # seed 1 unpaired: left out
     assert compare.paired_effect(rows, "m-with_y", "R1") == ("m: y", [-1.0, 2.0, 0.0])
     assert compare.paired_effect(rows, "m-a_for_b", "mAP") == ("m: b (vs a)", [-3.0])
     assert compare.paired_effect(rows, "m-other", "R1") == ("m: recipe (vs other)", [0.0, 4.0, 2.0])
+    # a row built on another ablation row pairs against that row (the longest name it extends)
+    assert compare.paired_effect(rows, "m-other_z", "R1") == ("m: other + z", [3.0, -1.0])
+    assert compare.paired_effect(rows, "m-other_z_w", "R1") == ("m: other_z + w", [6.0])
     with pytest.raises(SystemExit, match="needs rows"):
         compare.paired_effect(rows, "q-no_x", "R1")
     results = tmp_path / "rows.jsonl"
