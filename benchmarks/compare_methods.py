@@ -491,11 +491,11 @@ def paired_effect(rows: dict[str, dict], name: str, metric: str) -> tuple[str, l
     seeds = sorted(set(by_seed[reference]) & set(by_seed[name]))
     if not seeds:
         raise SystemExit(f"{name}: no seed in common with {reference!r}")
+    added = [by_seed[name][s] - by_seed[reference][s] for s in seeds]  # what the row adds to its reference
     if bases:  # a build-up row: what the added part does on top of its base row
-        return (f"{method}: {reference.partition('-')[2]} + {name[len(reference) + 1:]}",
-                [by_seed[name][s] - by_seed[reference][s] for s in seeds])
+        return f"{method}: {reference.partition('-')[2]} + {name[len(reference) + 1:]}", added
     if suffix.startswith("with_"):  # the ablation adds the component
-        return f"{method}: {suffix[5:]}", [by_seed[name][s] - by_seed[method][s] for s in seeds]
+        return f"{method}: {suffix[5:]}", added
     if suffix.startswith("no_"):
         label = suffix[3:]
     elif "_for_" in suffix:  # the ablation puts A in place of the method's B
@@ -503,7 +503,7 @@ def paired_effect(rows: dict[str, dict], name: str, metric: str) -> tuple[str, l
         label = f"{original} (vs {replacement})"
     else:  # another reading of the method: the recipe against it
         label = f"recipe (vs {suffix})"
-    return f"{method}: {label}", [by_seed[method][s] - by_seed[name][s] for s in seeds]
+    return f"{method}: {label}", [-d for d in added]  # the row removes it: with - without is the negation
 
 
 def plot(args: argparse.Namespace) -> None:
